@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 
 import pyarrow as pa
 
@@ -66,9 +66,8 @@ RECORD_SCHEMA = pa.schema([(f.name, _TYPES[{"int": int, "float": float, "str": s
 def records_to_table(records: Iterable[RequestRecord]) -> pa.Table:
     """Records (any order) as a pyarrow Table with `RECORD_SCHEMA`, sorted by request id."""
     rows = sorted(records, key=lambda r: r.request_id)
-    cols = list(zip(*(astuple(r) for r in rows))) if rows else [[] for _ in RECORD_FIELDS]
-    return pa.table({name: pa.array(list(col), type=RECORD_SCHEMA.field(name).type)
-                     for name, col in zip(RECORD_FIELDS, cols)}, schema=RECORD_SCHEMA)
+    return pa.table({name: pa.array([getattr(r, name) for r in rows], type=RECORD_SCHEMA.field(name).type)
+                     for name in RECORD_FIELDS}, schema=RECORD_SCHEMA)
 
 
 def table_to_records(table: pa.Table) -> list[RequestRecord]:

@@ -1,0 +1,247 @@
+"""`CostProfile`: how long a prefill batch, a decode step and a KV transfer take, for one model on one device kind.
+
+Every profile, whatever its source, answers with the same explicit formulas (times in seconds)::
+
+    prefill(batch)      = a + b * sum(len) + c * sum(len^2) + d * num_seqs
+    decode_step(batch)  = a_p + b_p * batch + c_p * sum(context)        piece p: the first whose max_batch >= batch
+    transfer(nbytes)    = latency_s + nbytes / bandwidth_bytes_per_s   (a link preset or a measured transport)
+
+A chunk of ``n`` new tokens on top of ``p`` cached ones counts ``(p + n)^2 - p^2`` towards ``sum(len^2)``, so chunked
+prefill costs the same attention work in total as one whole prefill.
+
+Sources:
+- ``constant``: fixed times (a only), for tests and hand-computed timelines.
+- ``roofline``: derived from `ModelSpec` x `HardwareSpec` with the efficiency factors in `RooflineFactors` (documented there).
+- ``calibrated``: coefficients fitted by calibrate/ from measurements, read from the JSON file it writes.
+
+JSON format (``format: disagg.cost_profile``, ``version: 1``)::
+
+    {"format": "disagg.cost_profile", "version": 1, "source": "calibrated", "name": "...", "model": {ModelSpec fields},
+     "hardware": "cpu" | preset name, "tp": 1, "dtype": "bf16",
+     "prefill": {"a_s": .., "b_s": .., "c_s": .., "d_s": ..},
+     "decode": [{"max_batch": 8, "a_s": .., "b_s": .., "c_s": ..}, ...],     # ascending max_batch; last covers all
+     "links": {"shm": {"bandwidth_bytes_per_s": .., "latency_s": ..}, ...},  # measured transports (optional)
+     "memory_bytes": int | null,  "fit": {...held-out errors...}, "environment": {...}, "meta": {...}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from sim.hardware import HardwareSpec, LinkSpec
+from sim.model_spec import ModelSpec
+
+FORMAT = "disagg.cost_profile"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class PrefillCost:
+    """prefill(batch) = a_s + b_s * sum(len) + c_s * sum(len^2) + d_s * num_seqs."""
+
+    a_s: float
+    b_s: float = 0.0
+    c_s: float = 0.0
+    d_s: float = 0.0
+
+    def time_s(self, num_seqs: int, sum_tokens: float, sum_sq_tokens: float) -> float:
+        return self.a_s + self.b_s * sum_tokens + self.c_s * sum_sq_tokens + self.d_s * num_seqs
+
+
+@dataclass(frozen=True)
+class DecodePiece:
+    """decode_step = a_s + b_s * batch + c_s * sum(context) for batch sizes up to ``max_batch``."""
+
+    max_batch: int
+    a_s: float
+    b_s: float = 0.0
+    c_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class RooflineFactors:
+    """Efficiency factors turning datasheet peaks into achievable times (roofline profiles).
+
+    - ``hbm_efficiency`` 0.8: aiconfigurator-core's system files model achieved HBM bandwidth as 0.8 x peak.
+    - ``prefill_mfu`` 0.6 / ``decode_mfu`` 0.5: fraction of peak dense bf16 FLOP/s reached by large / skinny GEMMs.
+    - ``kernel_overhead_s`` 3 us per kernel and ``kernels_per_layer`` 8: aiconfigurator's ~3 us per memory-bound kernel.
+    - ``allreduce_efficiency`` 0.8: measured NVLink4 all-reduce reaches ~80-83 % of spec; ``allreduce_latency_s`` 10 us.
+    """
+
+    hbm_efficiency: float = 0.8
+    prefill_mfu: float = 0.6
+    decode_mfu: float = 0.5
+    kernel_overhead_s: float = 3e-6
+    kernels_per_layer: int = 8
+    allreduce_efficiency: float = 0.8
+    allreduce_latency_s: float = 10e-6
+
+
+@dataclass(frozen=True)
+class CostProfile:
+    """Step-time formulas for one model on one device kind at one tensor-parallel degree. See the module docstring."""
+
+    name: str
+    source: str
+    prefill: PrefillCost
+    decode: tuple[DecodePiece, ...]
+    tp: int = 1
+    hardware: str = ""
+    dtype: str = "bf16"
+    model: ModelSpec | None = None
+    links: dict[str, LinkSpec] = field(default_factory=dict)
+    memory_bytes: int | None = None
+    fit: dict = field(default_factory=dict)
+    environment: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.source not in ("constant", "roofline", "calibrated", "imported"):
+            raise ValueError(f"profile {self.name!r}: unknown source {self.source!r}")
+        if not self.decode:
+            raise ValueError(f"profile {self.name!r}: needs at least one decode piece")
+        pieces = tuple(sorted(self.decode, key=lambda p: p.max_batch))
+        object.__setattr__(self, "decode", pieces)
+        if self.tp < 1:
+            raise ValueError(f"profile {self.name!r}: tp must be >= 1")
+
+    # --- the three questions -------------------------------------------------------------------------------------
+    def prefill_s(self, lens: Sequence[int], cached: Sequence[int] | None = None) -> float:
+        """Time of one prefill batch of sequences with ``lens`` new tokens each (on top of ``cached`` tokens each)."""
+        if cached is None:
+            return self.prefill.time_s(len(lens), float(sum(lens)), float(sum(n * n for n in lens)))
+        sq = sum((p + n) ** 2 - p * p for n, p in zip(lens, cached, strict=True))
+        return self.prefill.time_s(len(lens), float(sum(lens)), float(sq))
+
+    def decode_linear(self, batch: int) -> tuple[float, float]:
+        """(base_s, per_context_token_s): one decode step of ``batch`` sequences = base + per_token * sum(context)."""
+        piece = self.decode[-1]
+        for p in self.decode:
+            if batch <= p.max_batch:
+                piece = p
+                break
+        return piece.a_s + piece.b_s * batch, piece.c_s
+
+    def decode_step_s(self, batch: int, sum_context: float) -> float:
+        """Time of one decode step for ``batch`` sequences whose contexts add up to ``sum_context`` tokens."""
+        base, per_token = self.decode_linear(batch)
+        return base + per_token * sum_context
+
+    def step_overhead_s(self) -> float:
+        """The fixed per-iteration part shared by a mixed (prefill chunk + decode) iteration: counted once."""
+        return min(self.prefill.a_s, self.decode[0].a_s)
+
+    # --- JSON ----------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT, "version": VERSION, "source": self.source, "name": self.name, "hardware": self.hardware,
+            "tp": self.tp, "dtype": self.dtype, "model": self.model.to_dict() if self.model else None,
+            "prefill": asdict(self.prefill), "decode": [asdict(p) for p in self.decode],
+            "links": {k: {"bandwidth_bytes_per_s": v.bandwidth_bytes_per_s, "latency_s": v.latency_s}
+                      for k, v in self.links.items()},
+            "memory_bytes": self.memory_bytes, "fit": self.fit, "environment": self.environment, "meta": self.meta,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False, default=_json_default) + "\n")
+        return p
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "profile") -> CostProfile:
+        """Parse the JSON form; errors name ``where`` (the file) and the key."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object")
+        if d.get("format") != FORMAT:
+            raise ValueError(f"{where}: 'format' must be {FORMAT!r}, got {d.get('format')!r}")
+        if d.get("version") != VERSION:
+            raise ValueError(f"{where}: unsupported profile version {d.get('version')!r} (this disagg reads {VERSION})")
+        try:
+            prefill = PrefillCost(**{k: float(v) for k, v in d["prefill"].items()})
+            decode = tuple(DecodePiece(int(p["max_batch"]), float(p["a_s"]), float(p.get("b_s", 0.0)),
+                                       float(p.get("c_s", 0.0))) for p in d["decode"])
+            links = {k: LinkSpec(k, float(v["bandwidth_bytes_per_s"]), float(v["latency_s"]))
+                     for k, v in (d.get("links") or {}).items()}
+            model = ModelSpec(**d["model"]) if d.get("model") else None
+        except KeyError as e:
+            raise ValueError(f"{where}: missing key {e}") from e
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: bad value ({e})") from e
+        for key, value in [("prefill", prefill.__dict__), *((f"decode[{i}]", p.__dict__) for i, p in enumerate(decode))]:
+            if any(not math.isfinite(v) for v in value.values()):
+                raise ValueError(f"{where}: {key} has a non-finite coefficient")
+        return cls(name=str(d.get("name", where)), source=str(d.get("source", "calibrated")), prefill=prefill,
+                   decode=decode, tp=int(d.get("tp", 1)), hardware=str(d.get("hardware", "")),
+                   dtype=str(d.get("dtype", "bf16")), model=model, links=links, memory_bytes=d.get("memory_bytes"),
+                   fit=d.get("fit") or {}, environment=d.get("environment") or {}, meta=d.get("meta") or {})
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostProfile:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such cost profile")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not valid JSON ({e})") from e
+        return cls.from_dict(d, where=str(p))
+
+
+def _json_default(o: object) -> object:
+    if hasattr(o, "item"):
+        return o.item()  # numpy scalars
+    raise TypeError(f"cannot write {type(o).__name__} to a profile")
+
+
+def constant_profile(prefill_s: float, decode_step_s: float, name: str = "constant",
+                     prefill_per_token_s: float = 0.0, decode_per_seq_s: float = 0.0) -> CostProfile:
+    """Fixed times: every prefill batch takes ``prefill_s`` (+ per token), every decode step ``decode_step_s`` (+ per seq)."""
+    if prefill_s < 0 or decode_step_s < 0:
+        raise ValueError("constant profile times must be >= 0")
+    return CostProfile(name=name, source="constant", prefill=PrefillCost(prefill_s, prefill_per_token_s),
+                       decode=(DecodePiece(1 << 30, decode_step_s, decode_per_seq_s),))
+
+
+def roofline_profile(model: ModelSpec, hw: HardwareSpec, tp: int = 1,
+                     factors: RooflineFactors = RooflineFactors()) -> CostProfile:
+    """Datasheet roofline for ``model`` on ``tp`` x ``hw`` (bf16 weights and KV unless the spec says otherwise).
+
+    prefill: compute-bound, 2 x matmul params FLOPs per token + causal attention 2 x layers x heads x head_dim x len^2,
+    at ``prefill_mfu``; plus weights read once and kernel launch overheads.
+    decode: max(weights read at ``hbm_efficiency``, 2 x params x batch at ``decode_mfu``) + KV read per context token.
+    That max is exactly two linear pieces in batch, split at the ridge batch. TP divides FLOPs and bytes by tp and adds
+    two ring all-reduces per layer of (tokens x hidden x dtype) bytes over NVLink.
+    """
+    if tp < 1 or model.heads % tp and tp > model.heads:
+        raise ValueError(f"tp={tp} does not divide {model.name}'s {model.heads} heads")
+    flops_pre = hw.bf16_flops * tp * factors.prefill_mfu
+    flops_dec = hw.bf16_flops * tp * factors.decode_mfu
+    bw = hw.hbm_bytes_per_s * tp * factors.hbm_efficiency
+    launch = model.layers * factors.kernels_per_layer * factors.kernel_overhead_s
+    ar_per_token = ar_fixed = 0.0
+    if tp > 1:
+        ring = 2 * (tp - 1) / tp
+        ar_per_token = 2 * model.layers * ring * model.hidden_size * model.dtype_bytes / (
+            hw.nvlink_bytes_per_s * factors.allreduce_efficiency)
+        ar_fixed = 2 * model.layers * factors.allreduce_latency_s
+    weights_s = model.weight_bytes / bw
+    per_token_flops_s = 2 * model.matmul_params / flops_pre
+    attn_c = 2 * model.layers * model.heads * model.head_dim / flops_pre
+    prefill = PrefillCost(a_s=launch + ar_fixed + weights_s, b_s=per_token_flops_s + ar_per_token, c_s=attn_c)
+    per_seq_compute = 2 * model.matmul_params / flops_dec
+    kv_c = model.kv_bytes_per_token / bw
+    ridge = max(1, int(weights_s / per_seq_compute))
+    decode = (DecodePiece(ridge, launch + ar_fixed + weights_s, ar_per_token, kv_c),
+              DecodePiece(1 << 30, launch + ar_fixed, per_seq_compute + ar_per_token, kv_c))
+    return CostProfile(name=f"roofline:{model.name}@{hw.name}x{tp}", source="roofline", prefill=prefill, decode=decode,
+                       tp=tp, hardware=hw.name, model=model, memory_bytes=hw.memory_bytes * tp,
+                       meta={"factors": asdict(factors)})
+
+
+def with_links(profile: CostProfile, links: dict[str, LinkSpec]) -> CostProfile:
+    """The same profile with extra measured transports."""
+    return replace(profile, links={**profile.links, **links})

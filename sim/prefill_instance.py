@@ -1,0 +1,91 @@
+"""A prefill-only instance (disaggregated mode): FCFS batches of whole prompts up to the token and size limits.
+
+Each request's KV blocks are held from its prefill start until its KV has fully arrived at the decode instance.
+A batch waits when the head request's blocks are not free. After a batch the first token of each request is sampled
+(``first_token_s = prefill_end_s``); a request with one output token finishes here, the others start their KV transfer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import simpy
+
+from sim.kv_blocks import BlockPool
+from sim.running_batch import SimSeq, blocks_for
+
+if TYPE_CHECKING:
+    from sim.simulator import SimContext
+    from sim.topology import PoolSpec
+    from sim.cost_profile import CostProfile
+
+
+class PrefillInstance:
+    def __init__(self, ctx: SimContext, name: str, pool: PoolSpec, profile: CostProfile, capacity_tokens: int):
+        self.ctx, self.name, self.pool, self.profile = ctx, name, pool, profile
+        self.blocks = BlockPool(capacity_tokens // pool.block_size_tokens, pool.block_size_tokens)
+        self.queue: simpy.Store = simpy.Store(ctx.env)
+        self.outstanding = 0
+        self.busy_s = 0.0
+        self._freed: simpy.Event | None = None
+        ctx.env.process(self.run())
+
+    @property
+    def kv_load(self) -> float:
+        queued = sum(blocks_for(s.rec.prompt_tokens, self.blocks.block_size) for s in self.queue.items)
+        return (self.blocks.used + queued) / self.blocks.capacity
+
+    def submit(self, seq: SimSeq) -> None:
+        self.outstanding += 1
+        self.queue.put(seq)
+
+    def release(self, seq: SimSeq) -> None:
+        """The request's KV left this instance (transfer done, or finished here)."""
+        self.blocks.give(seq.src_blocks)
+        seq.src_blocks = 0
+        self.outstanding -= 1
+        if self._freed is not None and not self._freed.triggered:
+            self._freed.succeed()
+
+    def run(self):  # noqa: ANN201 - a SimPy process
+        env, pool, bs = self.ctx.env, self.pool, self.blocks.block_size
+        while True:
+            head = yield self.queue.get()
+            need = blocks_for(head.rec.prompt_tokens, bs)
+            while need > self.blocks.free:
+                self._freed = env.event()
+                yield self._freed
+            batch, tokens = [head], head.rec.prompt_tokens
+            self.blocks.take(need)
+            head.src_blocks = need
+            items = self.queue.items
+            while items and len(batch) < pool.max_batch_size:
+                nxt = items[0]
+                need = blocks_for(nxt.rec.prompt_tokens, bs)
+                if tokens + nxt.rec.prompt_tokens > pool.max_batch_tokens or need > self.blocks.free:
+                    break
+                items.pop(0)
+                self.blocks.take(need)
+                nxt.src_blocks = need
+                batch.append(nxt)
+                tokens += nxt.rec.prompt_tokens
+            start = env.now
+            for s in batch:
+                s.rec.prefill_start_s = start
+            self.ctx.sample(self, len(items), len(batch))
+            dur = self.profile.prefill_s([s.rec.prompt_tokens for s in batch])
+            yield env.timeout(dur)
+            self.busy_s += dur
+            end = env.now
+            for s in batch:
+                s.rec.prefill_end_s = s.rec.first_token_s = s.last_token_s = end
+                s.context = s.rec.prompt_tokens
+                s.remaining = s.rec.output_tokens - 1
+                if s.remaining == 0:
+                    self.release(s)
+                    s.decode_instance.outstanding -= 1
+                    self.ctx.finish(s, end)
+                else:
+                    s.decode_instance.receive(s)
+            self.ctx.sample(self, len(self.queue.items), 0)
+

@@ -1,0 +1,134 @@
+"""`Topology`: how instances are laid out — colocated (N instances x TP) or disaggregated (prefill pool + decode pool).
+
+A pool is a set of identical instances; an instance uses ``tp`` devices of its pool's ``hardware``. The link between
+pools carries KV from prefill to decode instances. KV capacity per instance is derived from device memory minus
+weights (overridable with ``kv_capacity_tokens``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from sim.hardware import get_hardware
+from sim.model_spec import ModelSpec
+
+ROLES = ("prefill", "decode", "colocated")
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """Identical instances of one role.
+
+    ``max_batch_size``: sequences per iteration; ``max_batch_tokens``: prompt tokens per prefill batch (and the
+    token budget per iteration with ``chunked_prefill``); ``block_size_tokens``: KV page size; ``kv_capacity_tokens``:
+    KV cache size per instance (None = from ``hardware`` memory x ``memory_utilization`` minus weights).
+    """
+
+    role: str
+    instances: int = 1
+    tp: int = 1
+    hardware: str | None = None
+    max_batch_size: int = 256
+    max_batch_tokens: int = 8192
+    block_size_tokens: int = 16
+    kv_capacity_tokens: int | None = None
+    memory_utilization: float = 0.9
+    chunked_prefill: bool = False
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"pool role must be one of {ROLES}, got {self.role!r}")
+        for key in ("instances", "tp", "max_batch_size", "max_batch_tokens", "block_size_tokens"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{self.role} pool: {key} must be >= 1, got {getattr(self, key)}")
+        if self.kv_capacity_tokens is not None and self.kv_capacity_tokens < 1:
+            raise ValueError(f"{self.role} pool: kv_capacity_tokens must be >= 1")
+        if not 0 < self.memory_utilization <= 1:
+            raise ValueError(f"{self.role} pool: memory_utilization must be in (0, 1]")
+
+    @property
+    def gpus(self) -> int:
+        return self.instances * self.tp
+
+    def kv_capacity(self, model: ModelSpec, memory_bytes: int | None = None) -> int:
+        """KV tokens one instance holds: explicit, or (tp x device memory x utilisation - weights) / KV bytes per token.
+
+        Raises ValueError when the weights do not fit or neither memory nor an explicit capacity is known.
+        """
+        if self.kv_capacity_tokens is not None:
+            return self.kv_capacity_tokens
+        if memory_bytes is None:
+            if self.hardware is None:
+                raise ValueError(f"{self.role} pool: set kv_capacity_tokens or a hardware preset to derive it from")
+            memory_bytes = get_hardware(self.hardware).memory_bytes * self.tp
+        free = memory_bytes * self.memory_utilization - model.weight_bytes
+        if free <= 0:
+            raise ValueError(f"{self.role} pool: {model.name} weights ({model.weight_bytes / 2**30:.1f} GiB) do not fit in "
+                             f"{self.tp} x {self.hardware or 'device'} ({memory_bytes / 2**30:.1f} GiB at "
+                             f"{self.memory_utilization:.0%}); raise tp")
+        return int(free // model.kv_bytes_per_token)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Colocated: one ``colocated`` pool. Disaggregated: a ``prefill`` and a ``decode`` pool joined by ``link``.
+
+    ``router``: a policy name from `sim.router.POLICIES`.
+    """
+
+    kind: str
+    pools: tuple[PoolSpec, ...]
+    link: str = "nvlink4"
+    router: str = "round_robin"
+    name: str = ""
+    meta: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        roles = sorted(p.role for p in self.pools)
+        if self.kind == "colocated":
+            if roles != ["colocated"]:
+                raise ValueError(f"colocated topology needs exactly one colocated pool, got {roles}")
+        elif self.kind == "disaggregated":
+            if roles != ["decode", "prefill"]:
+                raise ValueError(f"disaggregated topology needs one prefill and one decode pool, got {roles}")
+        else:
+            raise ValueError(f"topology kind must be 'colocated' or 'disaggregated', got {self.kind!r}")
+        if not self.name:
+            object.__setattr__(self, "name", self.label)
+
+    def pool(self, role: str) -> PoolSpec:
+        for p in self.pools:
+            if p.role == role:
+                return p
+        raise KeyError(f"topology {self.name!r} has no {role} pool")
+
+    @property
+    def gpus(self) -> int:
+        return sum(p.gpus for p in self.pools)
+
+    @property
+    def label(self) -> str:
+        """Short name: ``4C`` / ``4Cx2`` (instances x TP) or ``2P2D`` / ``2P(tp2)3D``."""
+        def tp(p: PoolSpec) -> str:
+            return f"(tp{p.tp})" if p.tp > 1 else ""
+        if self.kind == "colocated":
+            p = self.pools[0]
+            return f"{p.instances}C{tp(p)}"
+        pre, dec = self.pool("prefill"), self.pool("decode")
+        return f"{pre.instances}P{tp(pre)}{dec.instances}D{tp(dec)}"
+
+    @classmethod
+    def colocated(cls, instances: int, tp: int = 1, hardware: str | None = None, router: str = "round_robin",
+                  **pool_kw: object) -> Topology:
+        return cls("colocated", (PoolSpec("colocated", instances, tp, hardware, **pool_kw),), router=router)  # type: ignore[arg-type]
+
+    @classmethod
+    def disaggregated(cls, prefill: int, decode: int, tp_prefill: int = 1, tp_decode: int = 1,
+                      hardware: str | None = None, decode_hardware: str | None = None, link: str = "nvlink4",
+                      router: str = "round_robin", **pool_kw: object) -> Topology:
+        return cls("disaggregated", (PoolSpec("prefill", prefill, tp_prefill, hardware, **pool_kw),  # type: ignore[arg-type]
+                                     PoolSpec("decode", decode, tp_decode, decode_hardware or hardware, **pool_kw)),  # type: ignore[arg-type]
+                   link=link, router=router)
+
+    def with_pool(self, role: str, **changes: object) -> Topology:
+        return replace(self, pools=tuple(replace(p, **changes) if p.role == role else p for p in self.pools), name="")  # type: ignore[arg-type]
