@@ -1,0 +1,31 @@
+"""disagg's simulator core and shared vocabulary. Light to import: no torch, no simpy until a simulation runs.
+
+Python API: ``sim.simulate(topology, workload, profile, seed=...) -> SimResult`` (see `sim.simulator`), and the
+shared types `ModelSpec`, `HardwareSpec`, `LinkSpec`, `CostProfile`, `Workload`, `RequestSpec`, `Topology`,
+`PoolSpec`, `SLO`, `RequestRecord`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sim.cost_profile import CostProfile, constant_profile, roofline_profile
+from sim.hardware import HARDWARE, LINKS, HardwareSpec, LinkSpec
+from sim.metrics import SLO, summarize
+from sim.model_spec import PRESETS, ModelSpec, from_hf_config, get_model
+from sim.records import RequestRecord, records_to_table, table_to_records
+from sim.request import RequestSpec, Workload
+from sim.topology import PoolSpec, Topology
+
+__all__ = ["CostProfile", "constant_profile", "roofline_profile", "HARDWARE", "LINKS", "HardwareSpec", "LinkSpec",
+           "SLO", "summarize", "PRESETS", "ModelSpec", "from_hf_config", "get_model", "RequestRecord",
+           "records_to_table", "table_to_records", "RequestSpec", "Workload", "PoolSpec", "Topology", "simulate",
+           "SimResult"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("simulate", "SimResult"):
+        from sim import simulator
+
+        return getattr(simulator, name)
+    raise AttributeError(f"module 'sim' has no attribute {name!r}")
