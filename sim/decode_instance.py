@@ -44,9 +44,9 @@ class DecodeInstance:
         self.running: list[SimSeq] = []
         self.outstanding = 0
         self.busy_s = 0.0
-        self._order = 0
         self._wake: simpy.Event | None = None
         self._in_segment = self._interrupted = False
+        self._segment_steps = 0
         self._proc = ctx.env.process(self.run())
 
     # --- what the router and the other instances see ----------------------------------------------------------
@@ -80,7 +80,7 @@ class DecodeInstance:
         while self.incoming and not self.preempted:
             s = self.incoming[0]
             need = blocks_for(s.context + 1, bs)
-            if need > self.blocks.free:
+            if not self._headroom(need):
                 break
             self.incoming.popleft()
             self.blocks.take(need)
@@ -98,8 +98,6 @@ class DecodeInstance:
     def _join(self, s: SimSeq) -> None:
         if math.isnan(s.rec.decode_start_s):
             s.rec.decode_start_s = self.ctx.env.now
-        self._order += 1
-        s.order = self._order
         self.running.append(s)
 
     def _finish(self, s: SimSeq, t: float) -> None:
@@ -108,7 +106,13 @@ class DecodeInstance:
         self.outstanding -= 1
         self.ctx.finish(s, t)
 
+    def _headroom(self, need: int) -> bool:
+        """Can ``need`` more blocks be taken and still leave the running batch room for its next step?"""
+        steps = self._segment_steps if self._in_segment else 1  # a planned segment's blocks are spoken for
+        return need + extra_blocks(self.running, steps, self.blocks.block_size) <= self.blocks.free
+
     def _preempt_one(self) -> None:
+        """Evict the latest-arrived running sequence (vLLM's recompute preemption)."""
         victim = max(self.running, key=lambda s: s.order)
         self.running.remove(victim)
         self.blocks.give(victim.blocks)
@@ -163,7 +167,7 @@ class DecodeInstance:
         bs, batch = self.blocks.block_size, []
         while self.preempted and len(self.running) + len(batch) < self.pool.max_batch_size:
             need = blocks_for(self.preempted[0].context + 1, bs)
-            if need > self.blocks.free:
+            if not self._headroom(need):
                 break
             s = self.preempted.popleft()
             self.blocks.take(need)
@@ -186,7 +190,7 @@ class DecodeInstance:
         while self.prefill_q and len(self.running) + len(batch) < pool.max_batch_size:
             s = self.prefill_q[0]
             need = blocks_for(s.rec.prompt_tokens + 1, bs)
-            if (batch and tokens + s.rec.prompt_tokens > pool.max_batch_tokens) or need > self.blocks.free:
+            if (batch and tokens + s.rec.prompt_tokens > pool.max_batch_tokens) or not self._headroom(need):
                 break
             self.prefill_q.popleft()
             self.blocks.take(need)
@@ -226,7 +230,7 @@ class DecodeInstance:
             left = s.rec.prompt_tokens - s.context
             n = min(left, budget)
             need = blocks_for(s.context + n + (n == left), bs) - s.blocks
-            if need > self.blocks.free:
+            if not self._headroom(need):
                 break
             self.blocks.take(need)
             s.blocks += need
@@ -266,7 +270,7 @@ class DecodeInstance:
         total = steps_time(k, base, slope, s0, batch)
         t0 = env.now
         self.ctx.sample(self, len(self.ready) + len(self.prefill_q), batch)
-        self._in_segment, self._interrupted = True, False
+        self._in_segment, self._interrupted, self._segment_steps = True, False, k
         try:
             yield env.timeout(total)
             done = k

@@ -27,7 +27,7 @@ class SimSeq:
     blocks: int = 0  # on the decode / colocated instance
     src_blocks: int = 0  # on the prefill instance (disaggregated), until the KV has left it
     recompute: bool = False
-    order: int = 0  # admission order on the decode side (for LIFO preemption)
+    order: int = 0  # arrival order: the latest-arrived running sequence is preempted first
     prefill_instance: object = None
     decode_instance: object = None
 

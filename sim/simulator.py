@@ -134,7 +134,7 @@ def simulate(topology: Topology, workload: Workload, profile: CostProfile | Mapp
     limit_tokens = min(caps.values())
 
     def arrivals():  # noqa: ANN202
-        for spec in workload.requests:
+        for order, spec in enumerate(workload.requests):
             if spec.arrival_s > env.now:
                 yield env.timeout(spec.arrival_s - env.now)
             rec = RequestRecord(spec.id, spec.arrival_s, spec.prompt_tokens, spec.output_tokens)
@@ -146,7 +146,7 @@ def simulate(topology: Topology, workload: Workload, profile: CostProfile | Mapp
             if total + 1 > limit_tokens:
                 rec.status, rec.reason = "rejected", f"prompt + output = {total} tokens > instance KV capacity {limit_tokens}"
                 continue
-            seq = SimSeq(rec, 0, spec.output_tokens, math.nan)
+            seq = SimSeq(rec, 0, spec.output_tokens, math.nan, order=order)
             if topology.kind == "colocated":
                 cands = pools["colocated"]
                 inst = cands[policy(cands, states["colocated"], rng)]

@@ -1,0 +1,121 @@
+"""Hand-computed timelines, asserted exactly (to float round-off), like SimPy's own resource tests."""
+
+import math
+
+import pytest
+
+from sim import CostProfile, LinkSpec, PRESETS, Topology, Workload, constant_profile, simulate
+from sim.cost_profile import DecodePiece, PrefillCost
+
+TINY = PRESETS["tiny"]  # 2,048 KV bytes per token
+PROFILE = constant_profile(prefill_s=1.0, decode_step_s=0.1)
+
+
+def run(topo, arrivals, prompts, outputs, profile=PROFILE):
+    w = Workload.from_lists(arrivals, prompts, outputs)
+    return {r["request_id"]: r for r in simulate(topo, w, profile, model=TINY).records.to_pylist()}
+
+
+def approx(x):
+    return pytest.approx(x, abs=1e-9)
+
+
+def test_kv_bytes_formula_knows_gqa():
+    assert PRESETS["llama-3.1-8b"].kv_bytes_per_token == 131_072
+    assert PRESETS["llama-2-7b"].kv_bytes_per_token == 524_288
+    assert PRESETS["llama-3.1-70b"].kv_bytes_per_token == 327_680
+    assert TINY.kv_bytes_per_token == 2 * 4 * 2 * 64 * 2
+
+
+def test_one_request_colocated():
+    r = run(Topology.colocated(1, kv_capacity_tokens=1000), [0.0], [10], [5])[0]
+    assert (r["prefill_start_s"], r["prefill_end_s"], r["first_token_s"]) == (0.0, 1.0, 1.0)
+    assert r["decode_start_s"] == 1.0
+    assert r["last_token_s"] == approx(1.4) and r["finished_s"] == approx(1.4)
+    assert r["max_itl_s"] == approx(0.1)
+    assert math.isnan(r["kv_transfer_start_s"]) and r["prefill_instance"] == r["decode_instance"] == "C0"
+
+
+def test_one_request_disaggregated_transfer_in_first_gap():
+    link = LinkSpec("slow", bandwidth_bytes_per_s=20_480, latency_s=0.5)  # 10 tokens x 2,048 B = 1 s + 0.5 s
+    prof = CostProfile("c", "constant", PrefillCost(1.0), (DecodePiece(1 << 30, 0.1),), links={"slow": link})
+    r = run(Topology.disaggregated(1, 1, kv_capacity_tokens=1000, link="slow"), [0.0], [10], [5], prof)[0]
+    assert r["first_token_s"] == 1.0  # the prefill instance delivers the first token
+    assert (r["kv_transfer_start_s"], r["kv_transfer_end_s"]) == (1.0, approx(2.5))
+    assert r["decode_start_s"] == approx(2.5)
+    assert r["last_token_s"] == approx(2.9)
+    assert r["max_itl_s"] == approx(1.6)  # first token at 1.0, second at 2.6
+    assert r["kv_bytes"] == 20_480 and (r["prefill_instance"], r["decode_instance"]) == ("P0", "D0")
+
+
+def test_single_output_token_finishes_at_prefill_end_without_transfer():
+    r = run(Topology.disaggregated(1, 1, kv_capacity_tokens=1000), [0.0], [10], [1])[0]
+    assert r["finished_s"] == 1.0 and math.isnan(r["kv_transfer_start_s"]) and r["status"] == "ok"
+
+
+def test_two_requests_contend_for_one_prefill_instance():
+    recs = run(Topology.colocated(1, kv_capacity_tokens=1000, max_batch_size=1), [0.0, 0.0], [10, 10], [1, 1])
+    assert (recs[0]["prefill_start_s"], recs[0]["prefill_end_s"]) == (0.0, 1.0)
+    assert (recs[1]["prefill_start_s"], recs[1]["prefill_end_s"]) == (1.0, 2.0)
+    batched = run(Topology.colocated(1, kv_capacity_tokens=1000), [0.0, 0.0], [10, 10], [1, 1])
+    assert batched[0]["prefill_end_s"] == batched[1]["prefill_end_s"] == 1.0
+
+
+def test_prefill_token_budget_splits_batches():
+    recs = run(Topology.disaggregated(1, 1, kv_capacity_tokens=1000, max_batch_tokens=15),
+               [0.0, 0.0, 0.0], [10, 5, 5], [1, 1, 1])
+    assert [recs[i]["prefill_end_s"] for i in range(3)] == [1.0, 1.0, 2.0]
+
+
+def test_concurrent_transfers_share_the_link():
+    link = LinkSpec("l", bandwidth_bytes_per_s=20_480, latency_s=0.0)
+    prof = CostProfile("c", "constant", PrefillCost(1.0), (DecodePiece(1 << 30, 0.1),), links={"l": link})
+    recs = run(Topology.disaggregated(1, 1, kv_capacity_tokens=1000, link="l"), [0.0, 0.0], [10, 10], [2, 2], prof)
+    for r in recs.values():  # alone each would take 1 s; sharing, both end at 3 s
+        assert (r["kv_transfer_start_s"], r["kv_transfer_end_s"]) == (1.0, approx(3.0))
+        assert r["finished_s"] == approx(3.1)
+
+
+def test_staggered_transfers_processor_sharing():
+    link = LinkSpec("l", bandwidth_bytes_per_s=20_480, latency_s=0.0)
+    prof = CostProfile("c", "constant", PrefillCost(1.0), (DecodePiece(1 << 30, 0.1),), links={"l": link})
+    topo = Topology.disaggregated(2, 1, kv_capacity_tokens=1000, link="l")
+    recs = run(topo, [0.0, 0.5], [10, 10], [2, 2], prof)
+    # r0 alone 1.0-1.5 (half its bytes), shares 1.5-2.5 (half-rate: the other half) -> ends 2.5; r1 then alone -> 3.0
+    assert recs[0]["kv_transfer_end_s"] == approx(2.5)
+    assert recs[1]["kv_transfer_end_s"] == approx(3.0)
+
+
+def test_arrival_mid_decode_joins_at_step_boundary_prefill_first():
+    recs = run(Topology.colocated(1, kv_capacity_tokens=1000), [0.0, 1.25], [10, 10], [11, 3])
+    r0, r1 = recs[0], recs[1]
+    # r0 decodes at 1.1, 1.2, 1.3; r1 arrives 1.25, waits for the step to end, prefills 1.3-2.3
+    assert (r1["prefill_start_s"], r1["first_token_s"]) == (approx(1.3), approx(2.3))
+    assert r1["finished_s"] == approx(2.5)
+    assert r0["finished_s"] == approx(3.0)  # 7 more tokens at 2.4 ... 3.0
+    assert r0["max_itl_s"] == approx(1.1)  # the prefill stalled it: 1.3 -> 2.4
+
+
+def test_decode_join_in_disaggregated_mode_does_not_stall_running():
+    recs = run(Topology.disaggregated(2, 1, kv_capacity_tokens=1000, link="nvlink4"), [0.0, 1.25], [10, 10], [31, 3])
+    r0, r1 = recs[0], recs[1]
+    assert r0["max_itl_s"] == pytest.approx(0.1, abs=1e-4)  # never waits for a prefill (first gap: +10 us of NVLink)
+    assert r1["first_token_s"] == approx(2.25) and 2.25 < r1["kv_transfer_end_s"] < 2.26
+    assert r1["decode_start_s"] == pytest.approx(2.3, abs=1e-4)  # joins when r0's step in progress ends
+    assert r1["finished_s"] == pytest.approx(2.5, abs=1e-4) and r0["finished_s"] == pytest.approx(4.0, abs=1e-4)
+
+
+def test_decode_cost_grows_with_context_closed_form():
+    prof = CostProfile("lin", "constant", PrefillCost(1.0), (DecodePiece(1 << 30, 0.1, 0.0, 0.01),))
+    r = run(Topology.colocated(1, kv_capacity_tokens=1000), [0.0], [10], [4], prof)[0]
+    # steps see contexts 11, 12, 13: 0.21 + 0.22 + 0.23
+    assert r["finished_s"] == approx(1.0 + 0.21 + 0.22 + 0.23)
+    assert r["max_itl_s"] == approx(0.23)
+
+
+def test_chunked_prefill_iterations():
+    topo = Topology.colocated(1, kv_capacity_tokens=1000, max_batch_tokens=4, chunked_prefill=True)
+    prof = constant_profile(prefill_s=1.0, decode_step_s=0.1, prefill_per_token_s=0.0)
+    r = run(topo, [0.0], [10], [2], prof)[0]
+    # chunks of 4, 4, 2 tokens: three 1 s iterations, then one decode step
+    assert r["first_token_s"] == approx(3.0) and r["finished_s"] == approx(3.1)
