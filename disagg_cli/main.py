@@ -14,8 +14,10 @@ console = Console()
 
 
 def fail(msg: str, code: int = 2) -> None:
-    """Print a user-facing error (no traceback) and exit."""
-    console.print(f"[bold red]error:[/] {msg}")
+    """Print a user-facing error (no traceback, no line wrapping inside paths) and exit with ``code``."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
 

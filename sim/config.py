@@ -164,6 +164,9 @@ class LoadedConfig:
             self.topology: Topology = cfg.topology.build()
             self.profiles: dict[str, CostProfile] = {p.role: _profile(cfg.hardware, p, self.model, base)
                                                      for p in self.topology.pools}
+            for pool in self.topology.pools:  # weights must fit: fail at load, naming the pool
+                prof = self.profiles[pool.role]
+                pool.kv_capacity(self.model, prof.memory_bytes if pool.hardware is None else None)
             self.workload: Workload = cfg.workload.build(base, cfg.seed)
         except (ValueError, FileNotFoundError, KeyError) as e:
             raise ConfigError(f"{path}: {e}") from e
