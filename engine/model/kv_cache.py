@@ -175,16 +175,24 @@ class PagedKVCache:
         out = self._scratch[:need].view(2, m, self.block_size, self.kv_heads, self.head_dim)
         return torch.index_select(self.kv[layer], 1, block_ids, out=out)
 
-    def export_kv(self, block_table: list[int], num_tokens: int) -> KVPayload:
+    def export_kv(self, block_table: list[int], num_tokens: int, out: torch.Tensor | None = None) -> KVPayload:
         """Copy the first ``num_tokens`` tokens' KV of a sequence (all layers) out of the cache, on the cache device.
 
-        Raises ``ValueError`` if the block table is too short for ``num_tokens``.
+        ``out``: an optional destination ``[layers, 2, num_tokens, kv_heads, head_dim]`` of the cache's dtype (e.g. a
+        view of a shared-memory send buffer), so the gather is the only copy. Raises ``ValueError`` if the block table
+        is too short for ``num_tokens`` or ``out`` has the wrong shape or dtype.
         """
         if len(block_table) * self.block_size < num_tokens:
             raise ValueError(f"block table of {len(block_table)} blocks cannot hold {num_tokens} tokens")
+        shape = (self.layers, 2, num_tokens, self.kv_heads, self.head_dim)
+        if out is not None and (tuple(out.shape) != shape or out.dtype != self.dtype):
+            raise ValueError(f"export destination is {tuple(out.shape)} {out.dtype}, needs {shape} {self.dtype}")
         idx = torch.tensor(self.slots(block_table, 0, num_tokens), dtype=torch.long, device=self.device)
         flat = self.kv.view(self.layers, 2, -1, self.kv_heads, self.head_dim)
-        return KVPayload(flat.index_select(2, idx))  # [layers, 2, num_tokens, kv_heads, head_dim]
+        if out is None:
+            return KVPayload(flat.index_select(2, idx))  # [layers, 2, num_tokens, kv_heads, head_dim]
+        torch.index_select(flat, 2, idx, out=out)
+        return KVPayload(out)
 
     def import_kv(self, block_table: list[int], payload: KVPayload) -> None:
         """Write a payload's KV into the first ``payload.num_tokens`` positions of ``block_table``.

@@ -114,9 +114,10 @@ class ModelRunner:
         seq.block_table = []
         seq.num_cached_tokens = 0
 
-    def export_kv(self, seq: Sequence) -> KVPayload:
-        """The KV of the sequence's cached tokens, ``[layers, 2, num_cached_tokens, kv_heads, head_dim]``."""
-        return self.cache.export_kv(seq.block_table, seq.num_cached_tokens)
+    def export_kv(self, seq: Sequence, out: torch.Tensor | None = None) -> KVPayload:
+        """The KV of the sequence's cached tokens, ``[layers, 2, num_cached_tokens, kv_heads, head_dim]``, optionally
+        gathered straight into ``out`` (see `PagedKVCache.export_kv`)."""
+        return self.cache.export_kv(seq.block_table, seq.num_cached_tokens, out)
 
     def import_kv(self, seq: Sequence, payload: KVPayload) -> None:
         """Allocate blocks for a sequence that has none and fill them with ``payload`` (its first tokens' KV).

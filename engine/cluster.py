@@ -1,0 +1,218 @@
+"""`Cluster`: launch a router and its worker processes for a `sim.topology.Topology`, and stop them all.
+
+    with Cluster("tiny", Topology.disaggregated(1, 1)) as c:
+        url = c.url            # http://127.0.0.1:PORT, OpenAI-compatible
+        ...
+
+Workers are named like the simulator's instances (``P0``, ``D0``, ``C0``...), so engine and simulator records join
+on them. Each worker is its own process (own model copy, ``threads`` torch threads) in its own process group; the
+router is one more process. Everything binds ``host`` (127.0.0.1) on free ports; a fresh secret authenticates
+every link. Pool settings come from the topology: ``max_batch_size``, ``max_batch_tokens``, ``block_size_tokens``,
+``chunked_prefill`` and ``kv_capacity_tokens`` (default `DEFAULT_KV_TOKENS` per instance when unset; ``tp``,
+``hardware`` and ``memory_utilization`` do not apply to this CPU engine).
+
+`stop` (or leaving the ``with``) sends SIGTERM to each process group, waits, then SIGKILLs what is left; workers also
+exit on their own if this process dies. Startup failures raise `ClusterError` with the failing process's log tail.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.transport.auth import SECRET_ENV, new_secret
+from engine.worker import WorkerSpec
+from sim.topology import PoolSpec, Topology
+
+log = logging.getLogger(__name__)
+DEFAULT_KV_TOKENS = 32768
+CACHE_ENV = "DISAGG_CACHE"
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not start (a process died or did not become ready in time); the message says which."""
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A model folder: ``"tiny"`` (or another `sim.model_spec.PRESETS` name) is created once, deterministically
+    (random weights, seed 0), under ``$DISAGG_CACHE`` or ``~/.cache/disagg/models/NAME``; anything else must be a
+    Hugging Face Llama folder. Raises FileNotFoundError naming the path."""
+    from sim.model_spec import PRESETS
+
+    key = str(model).lower()
+    if key in PRESETS and not Path(model).exists():
+        root = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "disagg")) / "models"
+        folder = root / key
+        if not (folder / "config.json").is_file():
+            from engine.model.loader import create_random_model
+
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+            create_random_model(tmp, PRESETS[key], seed=0)
+            try:
+                tmp.rename(folder)
+            except OSError:  # another process won the race; its copy is identical
+                shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+    folder = Path(model)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model {str(model)!r}: not a preset ({', '.join(sorted(PRESETS))}) and no "
+                                f"config.json in {folder}")
+    return folder
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    ready_path: Path
+    info: dict = field(default_factory=dict)
+
+
+class Cluster:
+    """Router + workers for ``topology`` serving ``model`` (a preset name or a folder). See the module docstring."""
+
+    def __init__(self, model: str | Path, topology: Topology, *, transport: str = "shm", dtype: str = "bf16",
+                 threads: int = 1, host: str = "127.0.0.1", port: int = 0, max_outstanding: int = 1024,
+                 max_retries: int = 2, request_timeout_s: float = 600.0, verify_kv: bool = False, seed: int = 0,
+                 queue_limit: int = 4096, records_path: str | Path | None = None, log_dir: str | Path | None = None,
+                 startup_timeout_s: float = 120.0, model_name: str | None = None, log_level: str = "WARNING"):
+        self.model, self.topology, self.transport, self.dtype = model, topology, transport, dtype
+        self.threads, self.host, self.port, self.max_outstanding = threads, host, port, max_outstanding
+        self.max_retries, self.request_timeout_s, self.verify_kv, self.seed = max_retries, request_timeout_s, verify_kv, seed
+        self.queue_limit, self.records_path, self.log_dir = queue_limit, records_path, log_dir
+        self.startup_timeout_s, self.model_name, self.log_level = startup_timeout_s, model_name, log_level
+        self.procs: dict[str, Proc] = {}
+        self.url = ""
+        self._run_dir: Path | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    def __enter__(self) -> Cluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _spawn(self, name: str, module: str, spec_text: str, env: dict) -> Proc:
+        assert self._run_dir is not None
+        spec_path = self._run_dir / f"{name}.json"
+        spec_path.write_text(spec_text)
+        logs = Path(self.log_dir) if self.log_dir else self._run_dir
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"{name}.log"
+        with open(log_path, "ab") as out:
+            p = subprocess.Popen([sys.executable, "-m", module, str(spec_path)], env=env, stdout=out,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = Proc(name, p, log_path, self._run_dir / f"{name}.ready")
+        self.procs[name] = proc
+        return proc
+
+    def _wait_ready(self, procs: list[Proc]) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        for p in procs:
+            while not p.ready_path.exists():
+                if p.popen.poll() is not None:
+                    raise ClusterError(f"{p.name} exited with status {p.popen.returncode} during startup:\n"
+                                       f"{_tail(p.log_path)}")
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"{p.name} not ready after {self.startup_timeout_s:g} s:\n{_tail(p.log_path)}")
+                time.sleep(0.05)
+            p.info = json.loads(p.ready_path.read_text())
+
+    def start(self) -> str:
+        """Launch everything and wait until the router answers; returns the base URL. Raises `ClusterError`."""
+        model_dir = resolve_model(self.model)
+        self._run_dir = Path(tempfile.mkdtemp(prefix="disagg-run-"))
+        env = {**os.environ, SECRET_ENV: new_secret().hex(), "OMP_NUM_THREADS": str(self.threads),
+               "MKL_NUM_THREADS": str(self.threads), "DISAGG_LOG_LEVEL": self.log_level,
+               "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+        try:
+            workers = []
+            for pool in self.topology.pools:
+                for i in range(pool.instances):
+                    spec = self._worker_spec(pool, f"{pool.role[0].upper()}{i}", model_dir)
+                    workers.append((spec, self._spawn(spec.name, "engine.worker", spec.to_json(), env)))
+            self._wait_ready([p for _, p in workers])
+            router_spec = {
+                "workers": [{"name": s.name, "role": s.role, "control": p.info["control"], "kv": p.info["kv"],
+                             "capacity_blocks": s.num_blocks, "block_size": s.block_size} for s, p in workers],
+                "policy": self.topology.router, "model_dir": str(model_dir),
+                "model_name": self.model_name or (str(self.model) if not Path(self.model).exists()
+                                                  else Path(self.model).name),
+                "host": self.host, "port": self.port, "max_outstanding": self.max_outstanding,
+                "max_retries": self.max_retries, "request_timeout_s": self.request_timeout_s, "seed": self.seed,
+                "records_path": str(self.records_path) if self.records_path else "",
+                "ready_path": str(self._run_dir / "router.ready"), "parent_pid": os.getpid()}
+            router = self._spawn("router", "engine.server", json.dumps(router_spec), env)
+            self._wait_ready([router])
+        except BaseException:
+            self.stop()
+            raise
+        self.url = router.info["url"]
+        return self.url
+
+    def _worker_spec(self, pool: PoolSpec, name: str, model_dir: Path) -> WorkerSpec:
+        assert self._run_dir is not None
+        cap = pool.kv_capacity_tokens or DEFAULT_KV_TOKENS
+        return WorkerSpec(name=name, role=pool.role, model_dir=str(model_dir), num_blocks=cap // pool.block_size_tokens,
+                          block_size=pool.block_size_tokens, max_batch_size=pool.max_batch_size,
+                          max_batch_tokens=pool.max_batch_tokens, chunked_prefill=pool.chunked_prefill,
+                          dtype=self.dtype, transport=self.transport, threads=self.threads, verify_kv=self.verify_kv,
+                          queue_limit=self.queue_limit, host=self.host,
+                          ready_path=str(self._run_dir / f"{name}.ready"), parent_pid=os.getpid())
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every process group (router first), wait up to ``timeout_s``, SIGKILL the rest. Idempotent."""
+        order = sorted(self.procs.values(), key=lambda p: p.name != "router")
+        for p in order:
+            _signal_group(p.popen, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for p in order:
+            try:
+                p.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %g s; killing it", p.name, timeout_s)
+            _signal_group(p.popen, signal.SIGKILL)
+            p.popen.wait()
+        self.procs.clear()
+        if self._run_dir is not None and not self.log_dir:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+        self._run_dir = None
+
+    # ---- helpers for tests and tools -------------------------------------------------------------------------
+    def pid(self, name: str) -> int:
+        return self.procs[name].popen.pid
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to one process's group (e.g. to test failure handling)."""
+        _signal_group(self.procs[name].popen, sig)
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        return _tail(self.procs[name].log_path, lines)
+
+
+def _signal_group(p: subprocess.Popen, sig: int) -> None:
+    if p.poll() is not None:
+        return
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
