@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import simpy
 
 from sim.kv_blocks import BlockPool
-from sim.running_batch import SimSeq, blocks_for, extra_blocks, steps_done_by, steps_time, steps_until_out_of_blocks
+from sim.running_batch import SimSeq, blocks_for, extra_blocks, extra_blocks_bound, steps_done_by, steps_time, steps_until_out_of_blocks
 
 if TYPE_CHECKING:
     from sim.cost_profile import CostProfile
@@ -109,7 +109,9 @@ class DecodeInstance:
     def _headroom(self, need: int) -> bool:
         """Can ``need`` more blocks be taken and still leave the running batch room for its next step?"""
         steps = self._segment_steps if self._in_segment else 1  # a planned segment's blocks are spoken for
-        return need + extra_blocks(self.running, steps, self.blocks.block_size) <= self.blocks.free
+        bs, free = self.blocks.block_size, self.blocks.free
+        return (need + extra_blocks_bound(len(self.running), steps, bs) <= free
+                or need + extra_blocks(self.running, steps, bs) <= free)
 
     def _preempt_one(self) -> None:
         """Evict the latest-arrived running sequence (vLLM's recompute preemption)."""
@@ -124,20 +126,27 @@ class DecodeInstance:
                  t_end: float) -> None:
         """Every sequence in ``run`` produced ``done`` tokens; the first ended at first_start + first_step."""
         bs = self.blocks.block_size
+        first_end = first_start + first_step
+        took = 0
+        finished = []
         for s in run:
-            need = blocks_for(s.context + done, bs) - s.blocks
+            ctx = s.context + done
+            need = -(-ctx // bs) - s.blocks
             if need > 0:
-                self.blocks.take(need)
+                took += need
                 s.blocks += need
-            gap = first_start + first_step - s.last_token_s
+            gap = first_end - s.last_token_s
             if done > 1 and last_step > gap:
                 gap = last_step
-            if gap > s.rec.max_itl_s:
-                s.rec.max_itl_s = gap
-            s.context += done
+            rec = s.rec
+            if gap > rec.max_itl_s:
+                rec.max_itl_s = gap
+            s.context = ctx
             s.remaining -= done
             s.last_token_s = t_end
-        finished = [s for s in run if s.remaining <= 0]
+            if s.remaining <= 0:
+                finished.append(s)
+        self.blocks.take(took)
         if finished:
             self.running = [s for s in run if s.remaining > 0]
             for s in finished:

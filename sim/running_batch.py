@@ -60,12 +60,19 @@ def blocks_for(tokens: int, block_size: int) -> int:
 
 def extra_blocks(seqs: list[SimSeq], steps: int, block_size: int) -> int:
     """New KV blocks the batch needs to run ``steps`` more steps (each step adds one token per sequence)."""
-    return sum(max(0, blocks_for(s.context + steps, block_size) - s.blocks) for s in seqs)
+    return sum(max(0, -(-(s.context + steps) // block_size) - s.blocks) for s in seqs)
+
+
+def extra_blocks_bound(batch: int, steps: int, block_size: int) -> int:
+    """An upper bound of `extra_blocks` that needs no pass over the batch: each sequence crosses at most
+    ``steps // block_size + 1`` block boundaries in ``steps`` steps."""
+    return batch * (steps // block_size + 1)
 
 
 def steps_until_out_of_blocks(seqs: list[SimSeq], free_blocks: int, block_size: int, k_max: int) -> int:
     """Largest k <= k_max whose extra block need fits in ``free_blocks`` (binary search; need grows with k)."""
-    if extra_blocks(seqs, k_max, block_size) <= free_blocks:
+    if extra_blocks_bound(len(seqs), k_max, block_size) <= free_blocks or \
+            extra_blocks(seqs, k_max, block_size) <= free_blocks:
         return k_max
     lo, hi = 0, k_max  # need(lo) fits, need(hi) does not
     while hi - lo > 1:
