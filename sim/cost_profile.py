@@ -2,12 +2,14 @@
 
 Every profile, whatever its source, answers with the same explicit formulas (times in seconds)::
 
-    prefill(batch)      = a + b * sum(len) + c * sum(len^2) + d * num_seqs
+    prefill(batch)      = a + b * sum(len) + c * sum(len^2) + d * num_seqs [+ e * sum(len)^2]
     decode_step(batch)  = a_p + b_p * batch + c_p * sum(context)        piece p: the first whose max_batch >= batch
     transfer(nbytes)    = latency_s + nbytes / bandwidth_bytes_per_s   (a link preset or a measured transport)
 
 A chunk of ``n`` new tokens on top of ``p`` cached ones counts ``(p + n)^2 - p^2`` towards ``sum(len^2)``, so chunked
-prefill costs the same attention work in total as one whole prefill.
+prefill costs the same attention work in total as one whole prefill. The optional ``e`` term (absent = 0) is for
+devices whose per-token cost grows with the tokens packed into one batch (measured on CPU, where a large batch's
+activations outgrow the caches); calibrate/ fits it only when cross-validation says it helps.
 
 Sources:
 - ``constant``: fixed times (a only), for tests and hand-computed timelines.
@@ -18,7 +20,7 @@ JSON format (``format: disagg.cost_profile``, ``version: 1``)::
 
     {"format": "disagg.cost_profile", "version": 1, "source": "calibrated", "name": "...", "model": {ModelSpec fields},
      "hardware": "cpu" | preset name, "tp": 1, "dtype": "bf16",
-     "prefill": {"a_s": .., "b_s": .., "c_s": .., "d_s": ..},
+     "prefill": {"a_s": .., "b_s": .., "c_s": .., "d_s": .., "e_s": ..},     # e_s optional, written only if != 0
      "decode": [{"max_batch": 8, "a_s": .., "b_s": .., "c_s": ..}, ...],     # ascending max_batch; last covers all
      "links": {"shm": {"bandwidth_bytes_per_s": .., "latency_s": ..}, ...},  # measured transports (optional)
      "memory_bytes": int | null,  "fit": {...held-out errors...}, "environment": {...}, "meta": {...}}
@@ -41,15 +43,24 @@ VERSION = 1
 
 @dataclass(frozen=True)
 class PrefillCost:
-    """prefill(batch) = a_s + b_s * sum(len) + c_s * sum(len^2) + d_s * num_seqs."""
+    """prefill(batch) = a_s + b_s * sum(len) + c_s * sum(len^2) + d_s * num_seqs + e_s * sum(len)^2."""
 
     a_s: float
     b_s: float = 0.0
     c_s: float = 0.0
     d_s: float = 0.0
+    e_s: float = 0.0
 
     def time_s(self, num_seqs: int, sum_tokens: float, sum_sq_tokens: float) -> float:
-        return self.a_s + self.b_s * sum_tokens + self.c_s * sum_sq_tokens + self.d_s * num_seqs
+        return (self.a_s + self.b_s * sum_tokens + self.c_s * sum_sq_tokens + self.d_s * num_seqs
+                + self.e_s * sum_tokens * sum_tokens)
+
+    def to_dict(self) -> dict:
+        """JSON form; ``e_s`` only when non-zero, so profiles without it read as before."""
+        d = asdict(self)
+        if not d["e_s"]:
+            del d["e_s"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -140,7 +151,7 @@ class CostProfile:
         return {
             "format": FORMAT, "version": VERSION, "source": self.source, "name": self.name, "hardware": self.hardware,
             "tp": self.tp, "dtype": self.dtype, "model": self.model.to_dict() if self.model else None,
-            "prefill": asdict(self.prefill), "decode": [asdict(p) for p in self.decode],
+            "prefill": self.prefill.to_dict(), "decode": [asdict(p) for p in self.decode],
             "links": {k: {"bandwidth_bytes_per_s": v.bandwidth_bytes_per_s, "latency_s": v.latency_s}
                       for k, v in self.links.items()},
             "memory_bytes": self.memory_bytes, "fit": self.fit, "environment": self.environment, "meta": self.meta,
