@@ -33,7 +33,8 @@ import torch
 from engine.colocated_steps import ColocatedSteps
 from engine.messages import (Failed, KVArrived, KVData, KVDrop, KVMissing, KVPull, KVReady, Submit, Tokens,
                              peer_decoder)
-from engine.model.kv_cache import DTYPES, KVPayload
+from engine.kv_ship import import_blocks
+from engine.model.kv_cache import DTYPES
 from engine.model.runner import SamplingParams, Sequence
 from engine.transport import Channel, TransportError, listen
 from engine.worker import WorkerBase, blocks_for
@@ -182,16 +183,16 @@ class DecodeWorker(ColocatedSteps, WorkerBase):
             return
         body = msg.body
         data = body if isinstance(body, torch.Tensor) else torch.frombuffer(body, dtype=torch.uint8)
-        payload = KVPayload(data.view(DTYPES[m.dtype]).view(m.shape))
-        got = hashlib.sha256(payload.raw()).hexdigest() if m.sha256 else ""
+        got = hashlib.sha256(body).hexdigest() if m.sha256 and not isinstance(body, torch.Tensor) else ""
         ok = True
         try:
-            self.runner.cache.import_kv(s.seq.block_table, payload)
-            s.seq.num_cached_tokens = payload.num_tokens
-        except ValueError as e:
+            import_blocks(self.runner.cache, s.seq.block_table, data.view(DTYPES[m.dtype]).view(m.shape),
+                          m.num_tokens, m.block_size)
+            s.seq.num_cached_tokens = m.num_tokens
+        except (ValueError, RuntimeError) as e:
             ok = False
             self.to_router(Failed(s.rid, f"{self.name}: bad KV from {s.link.peer}: {e}"))  # type: ignore[union-attr]
-        del payload, data, body
+        del data, body
         ch.release(msg)
         if m.sha256 and got != m.sha256:
             ok = False
@@ -207,7 +208,7 @@ class DecodeWorker(ColocatedSteps, WorkerBase):
                 self.runner.free(s.seq)
                 self._start_transfers()
         if ok:
-            self.to_router(KVArrived(s.rid, s.t_kv_start, t_end, msg.nbytes, m.sha256, got))
+            self.to_router(KVArrived(s.rid, s.t_kv_start, t_end, msg.nbytes, m.t_export_start, msg.t_recv, m.sha256, got))
         self.wake.set()
 
     def _on_link_lost(self, ch: Channel, exc: BaseException | None) -> None:

@@ -64,9 +64,11 @@ class Tokens(msgspec.Struct, tag="tokens"):
 
 class KVArrived(msgspec.Struct, tag="kv"):
     rid: int
-    t_start: float
-    t_end: float
+    t_start: float  # D reserved blocks and sent the pull
+    t_end: float  # the KV is in D's cache
     nbytes: int
+    t_export_start: float = 0.0  # P began gathering the KV into the link's buffer (P's clock = D's on one host)
+    t_recv: float = 0.0  # the whole body had arrived at D (before the scatter into the cache)
     sent_sha256: str = ""
     received_sha256: str = ""
 
@@ -101,8 +103,11 @@ class KVPull(msgspec.Struct, tag="pull"):
 
 class KVData(msgspec.Struct, tag="data"):
     rid: int
-    shape: list[int]
+    shape: list[int]  # [layers, 2, tokens padded to whole blocks, kv_heads, head_dim] (`engine.kv_ship`)
     dtype: str
+    num_tokens: int
+    block_size: int
+    t_export_start: float
     sha256: str = ""
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.kv_ship import body_bytes, body_shape, export_blocks
 from engine.messages import Failed, KVData, KVDrop, KVMissing, KVPull, KVReady, Prefilled, Submit, peer_decoder
 from engine.model.runner import SamplingParams, Sequence
 from engine.transport import Channel, TransportError, connect
@@ -231,11 +232,12 @@ class PrefillWorker(WorkerBase):
     def _send_kv(self, ch: Channel, s: PSeq) -> None:
         cache = self.runner.cache
         n = s.seq.num_cached_tokens
-        shape = [cache.layers, 2, n, cache.kv_heads, cache.head_dim]
-        buf = ch.alloc(n * cache.bytes_per_token)
-        out = buf.view if isinstance(buf.view, torch.Tensor) else torch.frombuffer(buf.view, dtype=torch.uint8)
-        payload = self.runner.export_kv(s.seq, out.view(cache.dtype).view(shape))
-        digest = hashlib.sha256(payload.raw()).hexdigest() if self.spec.verify_kv else ""
-        ch.send(KVData(s.rid, shape, str(cache.dtype).removeprefix("torch."), digest), buf)
+        shape = body_shape(cache, n)
+        t0 = time.monotonic()
+        buf = ch.alloc(body_bytes(cache, n))
+        raw = buf.view if isinstance(buf.view, torch.Tensor) else torch.frombuffer(buf.view, dtype=torch.uint8)
+        export_blocks(cache, s.seq.block_table, n, raw.view(cache.dtype).view(shape))
+        digest = hashlib.sha256(buf.view).hexdigest() if self.spec.verify_kv and not isinstance(buf.view, torch.Tensor) else ""
+        ch.send(KVData(s.rid, shape, str(cache.dtype).removeprefix("torch."), n, cache.block_size, t0, digest), buf)
         self.counters["sent"] += 1
         self.counters["sent_bytes"] += buf.nbytes

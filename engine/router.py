@@ -89,6 +89,7 @@ class Req:
     finish_reason: str = ""
     notes: list[str] = field(default_factory=list)
     kv_sha: tuple[str, str] = ("", "")
+    kv_link: tuple[float, float] = (NAN, NAN)  # P began writing the KV into the link, D had all of it
 
 
 class Router:
@@ -259,6 +260,7 @@ class Router:
                 req.rec.kv_transfer_start_s, req.rec.kv_transfer_end_s = m.t_start, m.t_end
                 req.rec.kv_bytes = m.nbytes
                 req.kv_sha, req.kv_in = (m.sent_sha256, m.received_sha256), True
+                req.kv_link = (m.t_export_start or NAN, m.t_recv or NAN)
                 self._release(req, decode=False)
         elif isinstance(m, Failed):
             req = self.by_rid.get(m.rid)
@@ -357,7 +359,9 @@ class Router:
         d = {k: getattr(req.rec, k) for k in RECORD_FIELDS}
         d = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.items()}  # JSON has no NaN
         d.update(client_request_id=req.client_id, attempts=req.attempts, finish_reason=req.finish_reason,
-                 kv_sha256_sent=req.kv_sha[0], kv_sha256_received=req.kv_sha[1])
+                 kv_sha256_sent=req.kv_sha[0], kv_sha256_received=req.kv_sha[1],
+                 kv_export_start_s=None if math.isnan(req.kv_link[0]) else req.kv_link[0],
+                 kv_recv_s=None if math.isnan(req.kv_link[1]) else req.kv_link[1])
         return d
 
     def record(self, req: Req) -> dict:

@@ -141,6 +141,7 @@ def build_worker(spec: WorkerSpec, secret: bytes) -> WorkerBase:
     torch.set_num_threads(spec.threads)
     runner = ModelRunner.from_folder(spec.model_dir, spec.num_blocks, spec.block_size, device=spec.device,
                                      dtype=spec.dtype)
+    _warm_up(runner)
     if spec.role == "prefill":
         from engine.prefill_worker import PrefillWorker
         return PrefillWorker(spec, runner, secret)
@@ -148,6 +149,24 @@ def build_worker(spec: WorkerSpec, secret: bytes) -> WorkerBase:
         from engine.decode_worker import DecodeWorker
         return DecodeWorker(spec, runner, secret)
     raise ValueError(f"unknown worker role {spec.role!r}")
+
+
+def _warm_up(runner) -> None:  # noqa: ANN001
+    """One small prefill and two decode steps, so the first real request does not pay one-time costs."""
+    from engine.model.runner import Sequence
+
+    seqs = [Sequence(-1, [i % 200 for i in range(40)]), Sequence(-2, [7] * 16)]
+    try:
+        for s, tok in zip(seqs, runner.sample(runner.prefill(seqs), seqs)):
+            s.token_ids.append(tok)
+        for _ in range(2):
+            for s, tok in zip(seqs, runner.sample(runner.decode(seqs), seqs)):
+                s.token_ids.append(tok)
+    except Exception as e:  # a cache too small to warm up in is not fatal
+        log.warning("warm-up skipped: %s", e)
+    finally:
+        for s in seqs:
+            runner.free(s)
 
 
 def main(argv: list[str]) -> int:
