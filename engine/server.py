@@ -1,7 +1,7 @@
 """The router process: FastAPI app over `engine.router.Router`, run by uvicorn (``python -m engine.server SPEC``).
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE streaming and not), ``GET /v1/models``,
-``GET /health`` (503 unless every role has a live worker), ``GET /metrics`` (Prometheus text), ``GET /v1/records``
+``GET /health`` (status ok / degraded when a worker died / unavailable = 503 when a role has no live worker), ``GET /metrics`` (Prometheus text), ``GET /v1/records``
 (server-side records, absolute ``time.monotonic()`` seconds), ``GET /v1/workers`` (live per-worker stats).
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400/404/413 bad input, 429 too many
@@ -66,10 +66,12 @@ def create_app(router: Router, info: ModelInfo) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         live = {role: sum(w.alive for w in ws) for role, ws in router.pools.items() if ws}
-        ok = all(n > 0 for n in live.values())
-        return JSONResponse({"status": "ok" if ok else "degraded", "live_workers": live,
+        serving = all(n > 0 for n in live.values())
+        every = all(w.alive for w in router.workers.values())
+        status = "ok" if every else "degraded" if serving else "unavailable"
+        return JSONResponse({"status": status, "live_workers": live,
                              "workers": {w.name: w.alive for w in router.workers.values()}},
-                            status_code=200 if ok else 503)
+                            status_code=200 if serving else 503)
 
     @app.get("/v1/models")
     async def models() -> dict:
