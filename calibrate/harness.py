@@ -107,8 +107,13 @@ def run(model: str = "tiny", device: str = "cpu", dtype: str = "bf16", budget_s:
         samples = SampleLog()
         results = {}
         for phase in ("prefill", "decode"):
-            results[phase] = sweep(grids[phase], bench, _phase_budget(budget_s, started, shares, phase), samples,
-                                   rng, progress=lambda f, ph=phase: report(f"{ph} sweep", f))
+            budget = _phase_budget(budget_s, started, shares, phase)
+            try:
+                results[phase] = sweep(grids[phase], bench, budget, samples, rng,
+                                       progress=lambda f, ph=phase: report(f"{ph} sweep", f))
+            except CalibrationError as e:
+                raise CalibrationError(f"{e} (--budget-s {budget_s:g} left {budget:.1f} s for it after "
+                                       f"{time.perf_counter() - started:.1f} s of setup and earlier phases)") from e
         links, link_fit = {}, {}
         if kinds:
             links, link_fit = transfer.sweep_links(kinds, dev, _phase_budget(budget_s, started, shares, "transfer"),

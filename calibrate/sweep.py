@@ -90,8 +90,9 @@ def sweep(points: list[GridPoint], time_point: Callable[[GridPoint], float], bud
         raise CalibrationError(f"--budget-s too small for {phase}: it buys only {n_fit} fit point(s), the fit needs "
                                f"{min_fit_points}; a pass over the smallest points takes {per_round:.2f} s")
     if dropped:
-        log.info("%s: budget admits %d of %d points (largest %d x %d)", phase, len(admitted), len(points),
-                 admitted[-1].batch, admitted[-1].length)
+        level = logging.WARNING if len(dropped) > len(points) / 2 else logging.INFO
+        log.log(level, "%s: the budget admits %d of %d grid points (largest %d x %d tokens); bigger shapes will be "
+                "extrapolated", phase, len(admitted), len(points), admitted[-1].batch, admitted[-1].length)
 
     rounds = 0
     stop = False
