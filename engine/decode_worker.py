@@ -2,7 +2,8 @@
 
 Scheduling mirrors `sim.decode_instance.DecodeInstance`, one loop iteration per step boundary:
 
-1. preempted requests are recomputed first (a prefill of their whole context) when their blocks fit;
+1. preempted requests are recomputed first (a prefill of their whole context) when their blocks fit next to the
+   running batch's growth for one more step (without that term a recomputed request is preempted again at once);
 2. requests whose KV has arrived (``ready``) join the batch, up to ``max_batch_size``;
 3. colocated only, prefill-first: a waiting prompt batch runs now (FCFS, ``max_batch_tokens``, blocks for
    prompt + 1), or with ``chunked_prefill`` one mixed iteration carries every running request's next token plus
@@ -264,21 +265,27 @@ class DecodeWorker(ColocatedSteps, WorkerBase):
         self.running.remove(victim)
         self.runner.free(victim.seq)
         self.preempted.appendleft(victim)
+        log.debug("%s: preempted %d (%d tokens); %d running, %d free blocks", self.name, victim.rid,
+                  len(victim.seq.token_ids), len(self.running), self.runner.cache.allocator.num_free_blocks)
         self._preempted_now.append(victim.rid)
         self.counters["preemptions"] += 1
 
     def _recompute(self) -> bool:
         alloc, bs, batch = self.runner.cache.allocator, self.spec.block_size, []
         with self.lock:
+            # leave room for the running batch's next step, or the recomputed request would be preempted again at
+            # once, forever (the simulator's rule lacks this term; see the issue 4 notes)
+            growth = sum(max(0, blocks_for(len(s.seq.token_ids), bs) - len(s.seq.block_table)) for s in self.running)
             while self.preempted and len(self.running) + len(batch) < self.spec.max_batch_size:
                 s = self.preempted[0]
-                if blocks_for(s.context + 1, bs) > alloc.num_free_blocks:
+                if blocks_for(s.context + 1, bs) + growth > alloc.num_free_blocks:
                     break
                 self.preempted.popleft()
                 self.runner.reserve([s.seq], [s.context + 1])
                 batch.append(s)
         if not batch:
             return False
+        log.debug("%s: recomputing %s", self.name, [(s.rid, s.context) for s in batch])
         self.runner.prefill([s.seq for s in batch], [s.context for s in batch])
         with self.lock:
             for s in batch:
