@@ -91,7 +91,8 @@ def register(app: typer.Typer) -> None:
                 url = cluster.start()
         except (ClusterError, FileNotFoundError, ValueError, OSError) as e:
             fail(str(e))
-        console.print(f"serving {model} as {topo.label} at [bold]{url}/v1[/] (transport {transport}); Ctrl-C stops")
+        console.print(f"serving {model} as {topo.label} at [bold]{url}/v1[/] (transport {transport}); Ctrl-C stops",
+                      soft_wrap=True)
         try:
             while not stop["now"]:
                 dead = [n for n, p in cluster.procs.items() if p.popen.poll() is not None]
@@ -137,7 +138,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             models = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=10).json()["data"][0]
-        except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+        except (httpx.HTTPError, httpx.InvalidURL, KeyError, IndexError, ValueError) as e:
             fail(f"cannot reach the router at {url}: {e}")
         try:
             w = load_trace(trace).head(num_requests)

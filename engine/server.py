@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -204,6 +205,7 @@ async def _serve(spec: dict) -> None:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3,
                                            timeout_keep_alive=30))
     task = asyncio.create_task(server.serve(sockets=[sock]))
+    spec["_serving"] = True
 
     async def janitor() -> None:
         while True:
@@ -251,6 +253,13 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=os.environ.get("DISAGG_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s router %(name)s: %(message)s")
     spec = json.loads(Path(argv[0]).read_text())
+    # uvicorn handles SIGINT/SIGTERM while serving and re-raises them afterwards; a no-op handler here lets the
+    # shutdown path (writing the records) finish instead of dying on the re-raised signal
+    def on_signal(*_: object) -> None:
+        if not spec.get("_serving"):
+            raise SystemExit(0)  # still starting up: just leave
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     threading.Thread(target=_watch_parent, args=(spec.get("parent_pid", 0),), daemon=True).start()
     asyncio.run(_serve(spec))
     return 0
