@@ -31,6 +31,18 @@ class PrefillInstance:
         ctx.env.process(self.run())
 
     @property
+    def kv_used(self) -> int:
+        return self.blocks.used
+
+    @property
+    def kv_capacity(self) -> int:
+        return self.blocks.capacity
+
+    @property
+    def kv_peak(self) -> int:
+        return self.blocks.peak
+
+    @property
     def kv_load(self) -> float:
         queued = sum(blocks_for(s.rec.prompt_tokens, self.blocks.block_size) for s in self.queue.items)
         return (self.blocks.used + queued) / self.blocks.capacity

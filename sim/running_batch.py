@@ -1,15 +1,24 @@
 """Closed-form decode batches: advance a whole batch to its next membership change in one simulator event.
 
 Between membership changes a decode batch of B sequences runs identical steps whose cost grows linearly with the
-summed context: step i (0-based) takes ``base + slope * (S0 + i * B)`` where ``S0`` is the summed context of the first
-step. So k steps take ``T(k) = k * (base + slope * S0) + slope * B * k * (k - 1) / 2``, and the number of whole steps
-that fit in a time span is the root of that quadratic. Per-token detail is kept as per-request aggregates: last token
-time and largest inter-token gap (within a segment the last step is the longest, since slope >= 0).
+summed context: step i (0-based) takes ``base + slope * (S0 + i * B)`` where ``S0`` is the summed attention length of
+the first step. So k steps take ``T(k) = k * (base + slope * S0) + slope * B * k * (k - 1) / 2``, and the number of
+whole steps that fit in a time span is the root of that quadratic.
+
+`RunningBatch` stores each member relative to a step counter ``g`` (steps the batch has run), so advancing k steps is
+O(1) and every per-batch question is O(log B) or O(block_size), never O(B):
+- context of a member = ``base + g``; it finishes when ``g`` reaches its ``finish_g`` (a heap);
+- KV blocks held by a member = ceil((context + 1) / block_size) (its tokens plus room for the next one); summed over
+  the batch that is ``sum(Q) + B * floor(g / bs) + #{r >= bs - g % bs}`` with ``base + bs = bs * Q + r``;
+- a member's largest inter-token gap = max(its own first gap after joining, the largest step of every later segment),
+  the latter from a suffix-max stack over segments.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
+from bisect import bisect_left
 from dataclasses import dataclass
 
 from sim.records import RequestRecord
@@ -17,19 +26,23 @@ from sim.records import RequestRecord
 
 @dataclass(slots=True, eq=False)
 class SimSeq:
-    """A request's mutable state inside the simulator. ``context`` = tokens in its KV cache; ``remaining`` = tokens
-    still to produce; ``blocks`` = KV blocks held on the instance currently serving it."""
+    """A request's mutable state in the simulator. Outside a batch, ``context`` = tokens in its KV cache and
+    ``remaining`` = tokens still to produce; inside one, the batch holds them (``base``, ``finish_g``)."""
 
     rec: RequestRecord
     context: int
     remaining: int
     last_token_s: float
-    blocks: int = 0  # on the decode / colocated instance
+    blocks: int = 0  # reserved on the decode / colocated instance while not in the batch
     src_blocks: int = 0  # on the prefill instance (disaggregated), until the KV has left it
     recompute: bool = False
     order: int = 0  # arrival order: the latest-arrived running sequence is preempted first
     prefill_instance: object = None
     decode_instance: object = None
+    base: int = 0
+    finish_g: int = 0
+    joined_seg: int = 0
+    member: bool = False
 
 
 def steps_time(k: int, base: float, slope: float, s0: float, batch: int) -> float:
@@ -58,27 +71,130 @@ def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
-def extra_blocks(seqs: list[SimSeq], steps: int, block_size: int) -> int:
-    """New KV blocks the batch needs to run ``steps`` more steps (each step adds one token per sequence)."""
-    return sum(max(0, -(-(s.context + steps) // block_size) - s.blocks) for s in seqs)
+class RunningBatch:
+    """The sequences decoding together on one instance (see the module docstring for the representation)."""
 
+    def __init__(self, block_size: int):
+        self.bs = block_size
+        self.g = 0
+        self.size = 0
+        self.sum_base = 0
+        self._q_sum = 0
+        self._r_count = [0] * block_size
+        self._heap: list[tuple[int, int, SimSeq]] = []
+        self._members: dict[int, SimSeq] = {}
+        self.last_token_s = -math.inf  # when the members present at the last segment end produced a token
+        self._seg = 0  # segments run so far
+        self._stack_idx: list[int] = []  # suffix-max stack over segments: indices ascending, values descending
+        self._stack_val: list[float] = []
+        self._new: list[SimSeq] = []  # joined since the last segment: their first gap is their own
 
-def extra_blocks_bound(batch: int, steps: int, block_size: int) -> int:
-    """An upper bound of `extra_blocks` that needs no pass over the batch: each sequence crosses at most
-    ``steps // block_size + 1`` block boundaries in ``steps`` steps."""
-    return batch * (steps // block_size + 1)
+    # --- membership ------------------------------------------------------------------------------------------------
+    def add(self, s: SimSeq) -> None:
+        """``s`` (context, remaining, last_token_s set) joins; it holds ceil((context + 1) / bs) blocks from now."""
+        s.base = s.context - self.g
+        s.finish_g = self.g + s.remaining
+        s.joined_seg = self._seg
+        s.member = True
+        q, r = divmod(s.base + self.bs, self.bs)
+        self._q_sum += q
+        self._r_count[r] += 1
+        self.sum_base += s.base
+        self.size += 1
+        self._members[id(s)] = s
+        self._new.append(s)
+        heapq.heappush(self._heap, (s.finish_g, s.order, s))
 
+    def remove(self, s: SimSeq) -> None:
+        """``s`` leaves (finished or preempted): its context, remaining and max gap are written back to it."""
+        s.context = s.base + self.g
+        s.remaining = s.finish_g - self.g
+        if s.joined_seg < self._seg:  # it ran at least one segment here
+            s.rec.max_itl_s = max(s.rec.max_itl_s, self._suffix_max(s.joined_seg + 2))
+            s.last_token_s = self.last_token_s
+        s.member = False
+        q, r = divmod(s.base + self.bs, self.bs)
+        self._q_sum -= q
+        self._r_count[r] -= 1
+        self.sum_base -= s.base
+        self.size -= 1
+        del self._members[id(s)]
 
-def steps_until_out_of_blocks(seqs: list[SimSeq], free_blocks: int, block_size: int, k_max: int) -> int:
-    """Largest k <= k_max whose extra block need fits in ``free_blocks`` (binary search; need grows with k)."""
-    if extra_blocks_bound(len(seqs), k_max, block_size) <= free_blocks or \
-            extra_blocks(seqs, k_max, block_size) <= free_blocks:
-        return k_max
-    lo, hi = 0, k_max  # need(lo) fits, need(hi) does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if extra_blocks(seqs, mid, block_size) <= free_blocks:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    def members(self) -> list[SimSeq]:
+        return list(self._members.values())
+
+    def latest_arrived(self) -> SimSeq:
+        return max(self._members.values(), key=lambda s: s.order)
+
+    # --- questions -------------------------------------------------------------------------------------------------
+    def steps_to_next_finish(self) -> int:
+        heap = self._heap
+        while heap and not heap[0][2].member:
+            heapq.heappop(heap)
+        return heap[0][0] - self.g
+
+    def blocks_at(self, g: int) -> int:
+        """KV blocks the members hold when the counter reads ``g``."""
+        bs = self.bs
+        return self._q_sum + self.size * (g // bs) + sum(self._r_count[bs - g % bs:])
+
+    def blocks(self) -> int:
+        return self.blocks_at(self.g)
+
+    def steps_fitting(self, free_for_batch: int, k_max: int) -> int:
+        """Largest k <= k_max such that the batch, k steps on, holds at most ``free_for_batch`` blocks."""
+        g, bs = self.g, self.bs
+        if self._q_sum + self.size * ((g + k_max) // bs + 1) <= free_for_batch or \
+                self.blocks_at(g + k_max) <= free_for_batch:
+            return k_max
+        lo, hi = 0, k_max
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.blocks_at(g + mid) <= free_for_batch:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def first_step_context(self) -> int:
+        """Summed attention length of the next step: every member's context + 1."""
+        return self.sum_base + self.size * (self.g + 1)
+
+    # --- time ------------------------------------------------------------------------------------------------------
+    def advance(self, done: int, first_end: float, last_step: float, t_end: float) -> list[SimSeq]:
+        """Every member produced ``done`` tokens; the first of them at ``first_end``, the last step took ``last_step``.
+        Returns the members that finished (already removed, their records' max gap set)."""
+        seg_gap = first_end - self.last_token_s  # the continuing members' gap into this segment
+        if done > 1 and last_step > seg_gap:
+            seg_gap = last_step
+        for s in self._new:  # joined since the last segment: the gap since its own last token
+            if s.member:
+                gap = first_end - s.last_token_s
+                if done > 1 and last_step > gap:
+                    gap = last_step
+                if gap > s.rec.max_itl_s:
+                    s.rec.max_itl_s = gap
+        self._new.clear()
+        self._seg += 1
+        self._push(self._seg, seg_gap)
+        self.g += done
+        self.last_token_s = t_end
+        finished = []
+        heap = self._heap
+        while heap and (not heap[0][2].member or heap[0][0] <= self.g):
+            s = heapq.heappop(heap)[2]
+            if s.member:
+                self.remove(s)
+                finished.append(s)
+        return finished
+
+    def _push(self, idx: int, val: float) -> None:
+        while self._stack_val and self._stack_val[-1] <= val:
+            self._stack_val.pop()
+            self._stack_idx.pop()
+        self._stack_idx.append(idx)
+        self._stack_val.append(val)
+
+    def _suffix_max(self, start: int) -> float:
+        i = bisect_left(self._stack_idx, start)
+        return self._stack_val[i] if i < len(self._stack_val) else 0.0

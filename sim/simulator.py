@@ -66,8 +66,7 @@ class SimContext:
         name, now = inst.name, self.env.now  # type: ignore[attr-defined]
         if now - self._last_sample.get(name, -math.inf) >= self._every:
             self._last_sample[name] = now
-            pool = inst.blocks  # type: ignore[attr-defined]
-            self._ts.append((now, name, queue, batch, pool.used, pool.capacity))
+            self._ts.append((now, name, queue, batch, inst.kv_used, inst.kv_capacity))  # type: ignore[attr-defined]
 
     def timeseries(self) -> pa.Table:
         cols = list(zip(*self._ts)) if self._ts else [[] for _ in TIMESERIES_SCHEMA]
@@ -131,7 +130,8 @@ def simulate(topology: Topology, workload: Workload, profile: CostProfile | Mapp
                            for i in range(dec.instances)]
     policy = get_policy(topology.router)
     states: dict[str, dict] = {role: {} for role in pools}
-    limit_tokens = min(caps.values())
+    # the longest request any instance can hold to its end (whole blocks, plus room for the last token)
+    limit_tokens = min(caps[p.role] // p.block_size_tokens * p.block_size_tokens for p in topology.pools) - 1
 
     def arrivals():  # noqa: ANN202
         for order, spec in enumerate(workload.requests):
@@ -143,7 +143,7 @@ def simulate(topology: Topology, workload: Workload, profile: CostProfile | Mapp
             if total > model.max_context_tokens:
                 rec.status, rec.reason = "rejected", f"prompt + output = {total} tokens > model context {model.max_context_tokens}"
                 continue
-            if total + 1 > limit_tokens:
+            if total > limit_tokens:
                 rec.status, rec.reason = "rejected", f"prompt + output = {total} tokens > instance KV capacity {limit_tokens}"
                 continue
             seq = SimSeq(rec, 0, spec.output_tokens, math.nan, order=order)
@@ -173,7 +173,7 @@ def simulate(topology: Topology, workload: Workload, profile: CostProfile | Mapp
         "topology": topology.label, "kind": topology.kind, "gpus": topology.gpus, "workload": workload.name,
         "seed": seed, "makespan_s": makespan,
         "utilisation": util,
-        "kv_peak_fraction": {name: i.blocks.peak / i.blocks.capacity for name, i in insts.items()},
+        "kv_peak_fraction": {name: i.kv_peak / i.kv_capacity for name, i in insts.items()},
         "kv_capacity_tokens": caps,
     })
     wall = time.perf_counter() - started

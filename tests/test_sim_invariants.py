@@ -51,7 +51,7 @@ def test_invariants(topo):
             tpot = (t["last_token_s"][i] - t["first_token_s"][i]) / (t["output_tokens"][i] - 1)
             assert t["max_itl_s"][i] >= tpot - 1e-12
     for inst in res.instances.values():  # KV blocks conserved: everything given back
-        assert inst.blocks.used == 0 and inst.outstanding == 0
+        assert inst.kv_used == 0 and inst.outstanding == 0
     assert res.summary["completed"] == 600
 
 
@@ -59,7 +59,7 @@ def test_tight_memory_preempts_and_still_finishes_everything():
     topo = Topology.colocated(1, kv_capacity_tokens=700, max_batch_size=64, block_size_tokens=16)
     res = simulate(topo, random_workload(300, rate=200, seed=2, max_prompt=300, max_out=200), LIN, model=TINY)
     assert res.summary["preemptions"] > 0 and res.summary["completed"] == 300
-    assert next(iter(res.instances.values())).blocks.used == 0
+    assert next(iter(res.instances.values())).kv_used == 0
 
 
 def test_deterministic_same_seed_identical_records():
