@@ -16,7 +16,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +102,7 @@ def run(model: str = "tiny", device: str = "cpu", dtype: str = "bf16", budget_s:
         bench = StepBench(runner, dev_mod.StepTimer(dev), seed)
         bench.warm_up(grids["prefill"] + grids["decode"])
 
-        kinds = transfer.available_kinds(dev) if transports is None else list(transports)
+        kinds = transfer.available_kinds(dev) if transports is None else transfer.check_kinds(transports, dev)
         shares = dict(_SHARES) if kinds else {"prefill": 0.53, "decode": 0.47}
         samples = SampleLog()
         results = {}
@@ -117,7 +117,7 @@ def run(model: str = "tiny", device: str = "cpu", dtype: str = "bf16", budget_s:
         links, link_fit = {}, {}
         if kinds:
             links, link_fit = transfer.sweep_links(kinds, dev, _phase_budget(budget_s, started, shares, "transfer"),
-                                                   samples, progress=lambda f: report("transfer sweep", f))
+                                                   samples, seed, progress=lambda f: report("transfer sweep", f))
         report("fitting", 1.0)
         from calibrate.profile_fit import build_profile
 
@@ -125,7 +125,7 @@ def run(model: str = "tiny", device: str = "cpu", dtype: str = "bf16", budget_s:
         profile = build_profile(name or _default_name(model, dev.type, dtype), spec, dev, dtype, results, links,
                                 link_fit, ceil, env, meta={"budget_s": budget_s, "wall_s": round(wall, 2),
                                                            "seed": seed, "model_arg": str(model),
-                                                           "grid": limits.__dict__})
+                                                           "grid": asdict(limits)})
     finally:
         torch.set_num_threads(prev_threads)
     profile_path = samples_file = None
@@ -153,6 +153,4 @@ def _default_name(model: str, device_type: str, dtype: str) -> str:
 
 
 def _with_meta(profile: CostProfile, **extra: object) -> CostProfile:
-    from dataclasses import replace
-
     return replace(profile, meta={**profile.meta, **extra})

@@ -6,7 +6,8 @@ the sizes for the budget, interleaves them, summarises and fits. Sizes run from 
 each round visits them in a new shuffled order (one receiver process per kind, ``repeats`` timed transfers per visit
 after the helper's untimed warm-up). The largest sizes are dropped first when the budget is short.
 
-The ceiling: `engine.transport.bench.memcpy_bandwidth` (a same-process copy of 64 MiB), measured in the same run.
+The ceiling: `engine.transport.bench.copy_samples` (a same-process copy of 64 MiB), measured in the same run; the
+fastest of 9 copies, as for every ceiling (`calibrate.ceilings`).
 A transport that fails (e.g. ``cuda`` without NCCL) is logged and reported in ``fit.links[kind].error``; it gets no
 `LinkSpec`.
 """
@@ -18,6 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from calibrate import CalibrationError
 from calibrate.fit import error_summary, fit_linear_relative
 from calibrate.samples import SampleLog, outlier_mask, summarize_point
 from sim.hardware import LinkSpec
@@ -42,6 +44,24 @@ def available_kinds(device) -> list[str]:
         log.warning("engine.transport is not available (%s): no KV-transfer sweep", e)
         return []
     return [k for k in KINDS if k != "cuda" or device.type == "cuda"]
+
+
+def check_kinds(kinds: list[str], device) -> list[str]:
+    """Validate requested transport kinds. Raises `CalibrationError` for an unknown kind, ``cuda`` without a CUDA
+    device, or any kind when the engine's transport package is missing."""
+    if not kinds:
+        return []
+    have = available_kinds(device)
+    if not have:
+        raise CalibrationError("transports asked for, but engine.transport is not available")
+    from engine.transport import KINDS
+
+    for k in kinds:
+        if k not in KINDS:
+            raise CalibrationError(f"unknown transport {k!r}; expected one of {', '.join(KINDS)} (or none)")
+        if k not in have:
+            raise CalibrationError(f"transport {k!r} needs a CUDA device; calibrate with --device cuda")
+    return list(dict.fromkeys(kinds))
 
 
 def plan_sizes(budget_s: float, kinds: int, copy_bytes_per_s: float) -> tuple[list[int], int]:
@@ -87,7 +107,7 @@ def sweep_links(kinds: list[str], device, budget_s: float, samples: SampleLog, s
     copy_t = np.array(copy_samples(ceiling_n, repeats=9))
     for i, t in enumerate(copy_t):
         samples.add("copy", 0, i, float(t), nbytes=ceiling_n)
-    copy_bw = ceiling_n / float(np.median(copy_t))
+    copy_bw = ceiling_n / float(copy_t.min())  # a ceiling: the best of the run (see calibrate.ceilings)
     sizes, rounds = plan_sizes(budget_s, len(kinds), copy_bw)
     rng = np.random.default_rng(seed)
     links: dict[str, LinkSpec] = {}

@@ -102,6 +102,7 @@ def test_cli_run_end_to_end(tmp_path):
     ({"budget_s": 0.3}, "too small"),
     ({"model": "llama-3.1-8b"}, "shape-only preset"),
     ({"model": "/nonexistent/model"}, "no such file"),
+    ({"transports": ["udp"]}, "unknown transport"),
 ])
 def test_bad_input_gives_clear_errors(kwargs, message):
     import torch
