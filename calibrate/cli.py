@@ -39,7 +39,8 @@ def _print_rows(rows: list[dict], title: str) -> None:
                   _pct(r["heldout_max_err"]), _pct(r["cv_mape"]), _pct(r["spread"]))
     console.print(t)
     for r in rows:
-        console.print(f"  {r['what']}: {r['formula']}" + (f"  ({r['note']})" if r["note"] else ""), highlight=False)
+        console.print(f"  {r['what']}: {r['formula']}" + (f"  ({r['note']})" if r["note"] else ""), highlight=False,
+                      markup=False)
 
 
 def _print_compare(profiles: dict) -> None:

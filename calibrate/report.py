@@ -38,10 +38,11 @@ def show(path: str | Path | CostProfile) -> list[dict]:
     pre = (f"{_ms(p.a_s)} + {p.b_s * 1e6:.3g} us*sum(len) + {p.c_s * 1e9:.3g} ns*sum(len^2)"
            + (f" + {_ms(p.d_s)}*seqs" if p.d_s else "") + (f" + {p.e_s * 1e9:.3g} ns*sum(len)^2" if p.e_s else ""))
     rows = [_row("prefill", pre, fit.get("prefill", {}))]
-    for i, piece in enumerate(prof.decode):
-        upto = "all" if piece.max_batch >= 1 << 29 else f"<= {piece.max_batch}"
-        formula = f"{_ms(piece.a_s)} + {piece.b_s * 1e6:.3g} us*batch + {piece.c_s * 1e9:.3g} ns*sum(ctx)"
-        rows.append(_row(f"decode batch {upto}", formula, fit.get("decode", {}) if i == 0 else {}))
+    pieces = []
+    for piece in prof.decode:
+        upto = "any batch" if piece.max_batch >= 1 << 29 else f"batch <= {piece.max_batch}"
+        pieces.append(f"{upto}: {_ms(piece.a_s)} + {piece.b_s * 1e6:.3g} us*batch + {piece.c_s * 1e9:.3g} ns*sum(ctx)")
+    rows.append(_row("decode", "; ".join(pieces), fit.get("decode", {})))
     links = fit.get("links", {})
     for kind, link in prof.links.items():
         info = links.get(kind, {})

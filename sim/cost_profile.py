@@ -8,8 +8,8 @@ Every profile, whatever its source, answers with the same explicit formulas (tim
 
 A chunk of ``n`` new tokens on top of ``p`` cached ones counts ``(p + n)^2 - p^2`` towards ``sum(len^2)``, so chunked
 prefill costs the same attention work in total as one whole prefill. The optional ``e`` term (absent = 0) is for
-devices whose per-token cost grows with the tokens packed into one batch (measured on CPU, where a large batch's
-activations outgrow the caches); calibrate/ fits it only when cross-validation says it helps.
+devices whose per-token cost grows with the tokens packed into one batch (seen on the CPU runner: 8 x 256 tokens
+cost as much as 8 separate 256-token prefills); calibrate/ fits it only when cross-validation says it helps.
 
 Sources:
 - ``constant``: fixed times (a only), for tests and hand-computed timelines.
