@@ -28,7 +28,7 @@ import numpy as np
 
 from calibrate import CalibrationError
 from calibrate import aic_tables as at
-from calibrate.fit import check_heldout, error_summary, fit_decode, fit_prefill
+from calibrate.fit import DecodeFit, PrefillFit, check_heldout, error_summary, fit_decode, fit_prefill
 from calibrate.grid import GridLimits, build_grid
 from sim.cost_profile import CostProfile
 from sim.hardware import HARDWARE, LinkSpec
@@ -119,7 +119,9 @@ def import_aic(gpu: str = "h200_sxm", model: str = "llama-3.1-8b", tp: int = 1, 
     limits = GridLimits(max_prefill_tokens=32768, max_prefill_batch=32, max_decode_batch=512,
                         max_decode_tokens=1 << 22, max_len=min(spec.max_context_tokens, 16384), min_len=16)
     rng = np.random.default_rng(seed)
-    fits, info = {}, {}
+    info: dict[str, dict] = {}
+    pre: PrefillFit | None = None
+    dec: DecodeFit | None = None
     for phase in ("prefill", "decode"):
         pts = build_grid(phase, limits, rng)
         t = np.array([comp.prefill_s(p.batch, p.length) if phase == "prefill" else comp.decode_s(p.batch, p.length)
@@ -129,18 +131,18 @@ def import_aic(gpu: str = "h200_sxm", model: str = "llama-3.1-8b", tp: int = 1, 
         s1 = np.array([p.sum_tokens for p in pts], dtype=float)
         s2 = np.array([p.sum_sq_tokens for p in pts], dtype=float)
         if phase == "prefill":
-            f = fit_prefill(b[~held], s1[~held], s2[~held], t[~held])
-            pred = f.predict(b, s1, s2)
+            pre = fit_prefill(b[~held], s1[~held], s2[~held], t[~held])
+            pred, cv = pre.predict(b, s1, s2), pre.cv_mape
         else:
-            f = fit_decode(b[~held], s1[~held], t[~held])
-            pred = f.predict(b, s1)
+            dec = fit_decode(b[~held], s1[~held], t[~held])
+            pred, cv = dec.predict(b, s1), dec.cv_mape
         h = error_summary(pred[held], t[held])
         check_heldout(f"imported {phase}", h)
-        fits[phase] = f
-        info[phase] = {"fit_points": int((~held).sum()), "heldout_points": h["points"], "cv_mape": f.cv_mape,
+        info[phase] = {"fit_points": int((~held).sum()), "heldout_points": h["points"], "cv_mape": cv,
                        "fit_mape": error_summary(pred[~held], t[~held])["mape"], "heldout_mape": h["mape"],
                        "heldout_max_err": h["max_err"],
                        "largest_shape": [int(b.max()), int(max(p.length for p in pts))]}
+    assert pre is not None and dec is not None
     node = comp.system.get("node", {})
     links = {}
     if node.get("intra_node_bw"):
@@ -151,8 +153,8 @@ def import_aic(gpu: str = "h200_sxm", model: str = "llama-3.1-8b", tp: int = 1, 
                                            float(node.get("p2p_latency", 0)))
     preset = gpu.replace("_", "-")
     return CostProfile(
-        name=f"aic:{spec.name}@{gpu}x{tp}", source="imported", prefill=fits["prefill"].cost,
-        decode=fits["decode"].pieces, tp=tp, hardware=preset if preset in HARDWARE else gpu, dtype="bf16", model=spec,
+        name=f"aic:{spec.name}@{gpu}x{tp}", source="imported", prefill=pre.cost,
+        decode=dec.pieces, tp=tp, hardware=preset if preset in HARDWARE else gpu, dtype="bf16", model=spec,
         links=links, memory_bytes=int(comp.system["gpu"]["mem_capacity"]) * tp,
         fit={**info, "source": {"package": at.PACKAGE, "package_version": _package_version(), "gpu": gpu,
                                 "framework": framework, "gemm_tables": comp.gemm_dir.name,

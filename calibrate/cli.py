@@ -72,7 +72,7 @@ def run(
                                                "default: all the engine has."),
 ) -> None:
     """Measure prefill/decode step times and KV-transfer bandwidth on this machine and fit a cost profile."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     from calibrate import CalibrationError
     from calibrate.harness import run as run_calibration
@@ -84,7 +84,7 @@ def run(
     out = out or Path("profiles") / f"{name}-{device.replace(':', '')}-{dtype}.json"
     with Progress(TextColumn("{task.description:<16}"), BarColumn(), TextColumn("{task.percentage:>3.0f} %"),
                   TimeElapsedColumn(), console=console, transient=False) as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def progress(task: str, frac: float) -> None:
             if task not in tasks:
@@ -149,7 +149,7 @@ def import_aic(
         _fail(str(e))
     _print_rows(rows(prof), f"{prof.name} [{framework} {prof.fit['source']['gemm_tables']}]")
     try:
-        _print_compare({"imported": prof, "roofline": roofline(prof.model, prof.hardware, tp)})
+        _print_compare({"imported": prof, "roofline": roofline(prof.model or model, prof.hardware, tp)})
     except CalibrationError as e:
         console.print(f"(no roofline comparison: {e})")
     if out:

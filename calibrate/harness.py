@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,9 @@ from calibrate import CalibrationError
 from calibrate.grid import GridLimits, build_grid
 from calibrate.model_source import resolve_model
 from calibrate.samples import SampleLog
-from calibrate.sweep import sweep
+from calibrate.sweep import SweepResult, sweep
 from sim.cost_profile import CostProfile
+from sim.hardware import LinkSpec
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +107,17 @@ def run(model: str = "tiny", device: str = "cpu", dtype: str = "bf16", budget_s:
         kinds = transfer.available_kinds(dev) if transports is None else transfer.check_kinds(transports, dev)
         shares = dict(_SHARES) if kinds else {"prefill": 0.53, "decode": 0.47}
         samples = SampleLog()
-        results = {}
+        results: dict[str, SweepResult] = {}
         for phase in ("prefill", "decode"):
             budget = _phase_budget(budget_s, started, shares, phase)
             try:
                 results[phase] = sweep(grids[phase], bench, budget, samples, rng,
-                                       progress=lambda f, ph=phase: report(f"{ph} sweep", f))
+                                       progress=partial(_phase_progress, report, f"{phase} sweep"))
             except CalibrationError as e:
                 raise CalibrationError(f"{e} (--budget-s {budget_s:g} left {budget:.1f} s for it after "
                                        f"{time.perf_counter() - started:.1f} s of setup and earlier phases)") from e
-        links, link_fit = {}, {}
+        links: dict[str, LinkSpec] = {}
+        link_fit: dict = {}
         if kinds:
             links, link_fit = transfer.sweep_links(kinds, dev, _phase_budget(budget_s, started, shares, "transfer"),
                                                    samples, seed, progress=lambda f: report("transfer sweep", f))
@@ -146,6 +149,10 @@ def _phase_budget(budget_s: float, started: float, shares: dict[str, float], pha
     later = names[names.index(phase):]
     left = budget_s * 0.97 - (time.perf_counter() - started)
     return max(left, 0.0) * shares[phase] / sum(shares[k] for k in later)
+
+
+def _phase_progress(report: Progress, task: str, fraction: float) -> None:
+    report(task, fraction)
 
 
 def _default_name(model: str, device_type: str, dtype: str) -> str:
