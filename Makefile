@@ -23,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/sim_bench.py
 	$(PY) bench/calibrate_bench.py
+	$(PY) bench/engine_bench.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sim

@@ -188,7 +188,7 @@ class PrefillWorker(WorkerBase):
     def _on_peer(self, ch: Channel, msg) -> None:  # noqa: ANN001
         m = msg.header
         if isinstance(m, KVPull):
-            self.pulls.put((ch, m.rid))
+            self.pulls.put((ch, m.rid, msg.t_recv))
         elif isinstance(m, KVDrop):
             with self.cond:
                 s = self.seqs.get(m.rid)
@@ -207,7 +207,8 @@ class PrefillWorker(WorkerBase):
     def _send_loop(self) -> None:
         while not self.stop.is_set():
             try:
-                ch, rid = self.pulls.get(timeout=IDLE_WAIT_S)
+                ch, rid, t_pull = self.pulls.get(timeout=IDLE_WAIT_S)
+                log.debug("%s: pull of %d waited %.3f ms", self.name, rid, (time.monotonic() - t_pull) * 1e3)
             except queue.Empty:
                 continue
             with self.cond:
@@ -238,6 +239,8 @@ class PrefillWorker(WorkerBase):
         raw = buf.view if isinstance(buf.view, torch.Tensor) else torch.frombuffer(buf.view, dtype=torch.uint8)
         export_blocks(cache, s.seq.block_table, n, raw.view(cache.dtype).view(shape))
         digest = hashlib.sha256(buf.view).hexdigest() if self.spec.verify_kv and not isinstance(buf.view, torch.Tensor) else ""
+        t1 = time.monotonic()
         ch.send(KVData(s.rid, shape, str(cache.dtype).removeprefix("torch."), n, cache.block_size, t0, digest), buf)
+        log.debug("%s: KV %d: gather %.3f ms, send %.3f ms", self.name, s.rid, (t1 - t0) * 1e3, (time.monotonic() - t1) * 1e3)
         self.counters["sent"] += 1
         self.counters["sent_bytes"] += buf.nbytes
