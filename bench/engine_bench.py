@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import platform
 import subprocess
 import time
@@ -116,7 +117,7 @@ def main() -> None:
         tr = r["transfer"]["p50"]
         t.add_row(r["topology"], f"{r['rate_rps']:g}", f"{r['completed']}", f"{r['throughput_rps']:.2f}",
                   f"{r['output_tokens_per_s']:.0f}", _ms(r["ttft"]), _ms(r["tpot"]),
-                  "-" if tr != tr else f"{tr * 1e3:.2f}")
+                  "-" if math.isnan(tr) else f"{tr * 1e3:.2f}")
     console.print(t)
 
     big = [x for x in links if x["nbytes"] >= MIB]
@@ -128,7 +129,7 @@ def main() -> None:
                       f"({link / copy:.0%} of memcpy {copy / 1e9:.2f} GB/s), whole handoff {hand / 1e9:.2f} GB/s "
                       f"({hand / copy:.0%}; includes pull round trip and scatter into the paged cache)")
     if args.out:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"date": datetime.datetime.now().isoformat(), "git": rev,
                                         "machine": platform.processor() or platform.machine(), "kv_transport": kv,

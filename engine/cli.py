@@ -10,7 +10,7 @@ import typer
 LABEL = re.compile(r"^(?:(\d+)P(\d+)D|(\d+)C)$", re.IGNORECASE)
 
 
-def parse_topology(text: str, router: str | None = None, **pool: object):  # noqa: ANN201
+def parse_topology(text: str, router: str | None = None, **pool: object):
     """``"1P1D"`` / ``"2C"``, or a YAML file holding the simulator's ``topology:`` section (or just that section).
     ``pool`` overrides (None = keep) apply to every pool. Raises ValueError naming the file and key."""
     from sim.topology import Topology

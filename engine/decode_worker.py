@@ -32,9 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.colocated_steps import ColocatedSteps
-from engine.messages import (Failed, KVArrived, KVData, KVDrop, KVMissing, KVPull, KVReady, Submit, Tokens,
-                             peer_decoder)
 from engine.kv_ship import import_blocks
+from engine.messages import Failed, KVArrived, KVData, KVDrop, KVMissing, KVPull, KVReady, Submit, Tokens, peer_decoder
 from engine.model.kv_cache import DTYPES
 from engine.model.runner import SamplingParams, Sequence
 from engine.transport import Channel, TransportError, listen
@@ -64,7 +63,7 @@ class DSeq:
 
 
 class DecodeWorker(ColocatedSteps, WorkerBase):
-    def __init__(self, spec, runner, secret):  # noqa: ANN001
+    def __init__(self, spec, runner, secret):
         WorkerBase.__init__(self, spec, runner, secret)
         import threading
 
@@ -127,7 +126,7 @@ class DecodeWorker(ColocatedSteps, WorkerBase):
     def _on_prefill_link(self, ch: Channel) -> None:
         ch.start(lambda m: self._on_peer(ch, m), lambda exc: self._on_link_lost(ch, exc), decoder=peer_decoder.decode)
 
-    def _on_peer(self, ch: Channel, msg) -> None:  # noqa: ANN001
+    def _on_peer(self, ch: Channel, msg) -> None:
         m = msg.header
         if isinstance(m, KVReady):
             s = DSeq(m.rid, Sequence(m.rid, list(m.token_ids), SamplingParams(m.temperature, m.seed)), m.max_tokens,
@@ -171,7 +170,7 @@ class DecodeWorker(ColocatedSteps, WorkerBase):
                 self.runner.free(s.seq)
                 self.to_router(Failed(s.rid, f"{self.name}: prefill worker unreachable for KV", retryable=True))
 
-    def _receive(self, ch: Channel, msg, m: KVData) -> None:  # noqa: ANN001
+    def _receive(self, ch: Channel, msg, m: KVData) -> None:
         with self.lock:
             s = self.pulling.get(m.rid)
         if s is None or s.cancelled:

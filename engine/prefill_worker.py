@@ -47,7 +47,7 @@ class PSeq:
 
 
 class PrefillWorker(WorkerBase):
-    def __init__(self, spec, runner, secret):  # noqa: ANN001
+    def __init__(self, spec, runner, secret):
         super().__init__(spec, runner, secret)
         self.cond = threading.Condition()  # guards the queue, `pending`, `seqs` and the block allocator
         self.queue: deque[PSeq] = deque()
@@ -185,7 +185,7 @@ class PrefillWorker(WorkerBase):
                 self._drop(s)
             self.to_router(Failed(s.rid, f"{self.name}: cannot hand KV to {s.decode_kv}: {e}", retryable=True))
 
-    def _on_peer(self, ch: Channel, msg) -> None:  # noqa: ANN001
+    def _on_peer(self, ch: Channel, msg) -> None:
         m = msg.header
         if isinstance(m, KVPull):
             self.pulls.put((ch, m.rid, msg.t_recv))

@@ -99,7 +99,7 @@ def create_app(router: Router, info: ModelInfo) -> FastAPI:
                       f"disagg_worker_kv_load{{{lab}}} {w.kv_load:.6f}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
-    async def generate(request: Request, chat: bool):  # noqa: ANN202
+    async def generate(request: Request, chat: bool):
         gen = parse_request(parse_json(await request.body()), info, chat)
         req = router.admit(gen, info.eos_id, request.headers.get("x-request-id", ""))
         try:
@@ -125,7 +125,7 @@ def create_app(router: Router, info: ModelInfo) -> FastAPI:
             return JSONResponse(full_response(rid, created, info.name, chat, detok.delta(req.tokens, True),
                                               req.tokens, ev[1], usage, {"disagg": {"record": router.record(req)}}))
 
-        async def sse():  # noqa: ANN202
+        async def sse():
             ev, n = first, 0
             try:
                 while True:
@@ -155,11 +155,11 @@ def create_app(router: Router, info: ModelInfo) -> FastAPI:
                                  headers={"cache-control": "no-cache", "x-disagg-request-id": str(req.id)})
 
     @app.post("/v1/completions")
-    async def completions(request: Request):  # noqa: ANN202
+    async def completions(request: Request):
         return await generate(request, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):  # noqa: ANN202
+    async def chat_completions(request: Request):
         return await generate(request, chat=True)
 
     return app

@@ -79,7 +79,7 @@ class WorkerBase:
         ch.start(self._on_control, lambda exc: log.info("%s: router link closed (%s)", self.name, exc),
                  decoder=to_worker_decoder.decode, name="router")
 
-    def _on_control(self, msg) -> None:  # noqa: ANN001
+    def _on_control(self, msg) -> None:
         m = msg.header
         if isinstance(m, Submit):
             self.submit(m)
@@ -151,7 +151,7 @@ def build_worker(spec: WorkerSpec, secret: bytes) -> WorkerBase:
     raise ValueError(f"unknown worker role {spec.role!r}")
 
 
-def _warm_up(runner) -> None:  # noqa: ANN001
+def _warm_up(runner) -> None:
     """One small prefill and two decode steps, so the first real request does not pay one-time costs."""
     from engine.model.runner import Sequence
 
@@ -162,7 +162,7 @@ def _warm_up(runner) -> None:  # noqa: ANN001
         for _ in range(2):
             for s, tok in zip(seqs, runner.sample(runner.decode(seqs), seqs)):
                 s.token_ids.append(tok)
-    except Exception as e:  # a cache too small to warm up in is not fatal
+    except (ValueError, RuntimeError) as e:  # a cache too small to warm up in is not fatal
         log.warning("warm-up skipped: %s", e)
     finally:
         for s in seqs:

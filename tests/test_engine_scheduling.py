@@ -4,6 +4,7 @@ decode admission that waits for KV blocks, LIFO preemption with recompute, chunk
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import httpx
 import numpy as np
@@ -43,7 +44,7 @@ def test_prefill_batches_admission_waits_and_preemption(tiny_model_dir, referenc
     for (prompt, n), ids in zip(cases, out):
         assert ids == reference(prompt, n)
     assert all(r["status"] == "ok" for r in recs)
-    for a, b in zip(recs, recs[1:]):  # FCFS, one prompt per batch: prefills never overlap
+    for a, b in itertools.pairwise(recs):  # FCFS, one prompt per batch: prefills never overlap
         assert b["prefill_start_s"] >= a["prefill_end_s"]
     assert sum(r["preemptions"] for r in recs) >= 1 and stats["D0"]["preemptions"] >= 1
     assert stats["D0"]["kv_used_blocks"] == 0 and stats["P0"]["kv_used_blocks"] == 0  # blocks conserved

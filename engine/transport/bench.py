@@ -103,25 +103,25 @@ def measure(kind: str, sizes_bytes: list[int], repeats: int = 10, verify: bool =
             proc.wait()
 
 
-def _filler(kind: str, src: np.ndarray):  # noqa: ANN202
+def _filler(kind: str, src: np.ndarray):
     """How the sender writes ``src`` into a send buffer: a memcpy, or a device copy for cuda (then synchronise)."""
     if kind != "cuda":
         view = memoryview(src)
 
-        def fill(dst) -> None:  # noqa: ANN001
+        def fill(dst) -> None:
             dst[:] = view
         return fill
     import torch
 
     dev = torch.from_numpy(src).cuda()
 
-    def fill_cuda(dst) -> None:  # noqa: ANN001
+    def fill_cuda(dst) -> None:
         dst.copy_(dev)
         torch.cuda.synchronize()
     return fill_cuda
 
 
-def _crc(body) -> int:  # noqa: ANN001
+def _crc(body) -> int:
     return zlib.crc32(body.cpu().numpy() if hasattr(body, "cpu") else body)
 
 
@@ -131,8 +131,8 @@ def _serve(kind: str) -> None:
 
     done = queue.Queue()
 
-    def on_connect(ch):  # noqa: ANN001, ANN202
-        def on_msg(m):  # noqa: ANN001, ANN202
+    def on_connect(ch):
+        def on_msg(m):
             ok = not m.header.get("verify") or _crc(m.body) == m.header["crc"]
             ch.release(m)
             ch.send({"t_recv": m.t_recv, "ok": ok})

@@ -26,7 +26,7 @@ CUDA_BODY = 0xFFFFFFFE
 SETUP_TIMEOUT_S = 60.0
 
 
-def _require_cuda():  # noqa: ANN202
+def _require_cuda():
     try:
         import torch
         import torch.distributed as dist

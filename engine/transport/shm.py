@@ -25,8 +25,18 @@ from typing import Any
 import numpy as np
 
 from engine.transport.auth import TransportError
-from engine.transport.channel import (DATA, DROP, FRAME, RELEASE, SEGMENT, SEND_TIMEOUT_S, Buffer, Channel, Listener,
-                                      connect_socket)
+from engine.transport.channel import (
+    DATA,
+    DROP,
+    FRAME,
+    RELEASE,
+    SEGMENT,
+    SEND_TIMEOUT_S,
+    Buffer,
+    Channel,
+    Listener,
+    connect_socket,
+)
 
 MIN_SEGMENT_BYTES = 64 << 10
 DEFAULT_MAX_BYTES = 512 << 20
