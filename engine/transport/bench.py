@@ -30,23 +30,30 @@ from engine.transport import connect, listen, new_secret
 log = logging.getLogger(__name__)
 
 
-def copy_samples(nbytes: int, repeats: int = 20) -> list[float]:
-    """Seconds per in-process copy of ``nbytes`` between two warm buffers (memoryview assignment = memcpy)."""
-    src = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
+def copy_samples(nbytes: int, repeats: int = 20, working_set_bytes: int = 0) -> list[float]:
+    """Seconds per in-process copy of ``nbytes`` (memoryview assignment = memcpy). With ``working_set_bytes`` larger
+    than ``nbytes``, successive copies rotate over that many bytes of distinct source and destination buffers, so a
+    small copy runs from memory (as a KV copy out of a large cache does) instead of from a hot L2 cache."""
+    k = max(1, working_set_bytes // max(nbytes, 1))
+    src = np.random.default_rng(0).integers(0, 256, nbytes * k, dtype=np.uint8)
     dst = np.empty_like(src)
-    s, d = memoryview(src), memoryview(dst)
-    d[:] = s
+    pairs = [(memoryview(dst[i * nbytes:(i + 1) * nbytes]), memoryview(src[i * nbytes:(i + 1) * nbytes]))
+             for i in range(k)]
+    for d, s in pairs:
+        d[:] = s
     out = []
-    for _ in range(repeats):
+    for r in range(repeats):
+        d, s = pairs[r % k]
         t0 = time.perf_counter()
         d[:] = s
         out.append(time.perf_counter() - t0)
     return out
 
 
-def memcpy_bandwidth(nbytes: int, repeats: int = 20) -> float:
-    """Median bytes/s of a plain same-process copy of ``nbytes`` (the ceiling for same-host transfers)."""
-    return nbytes / float(np.median(copy_samples(nbytes, repeats)))
+def memcpy_bandwidth(nbytes: int, repeats: int = 20, working_set_bytes: int = 0) -> float:
+    """Median bytes/s of a plain same-process copy of ``nbytes`` (the ceiling for same-host transfers); see
+    `copy_samples` for ``working_set_bytes`` (0: the same warm buffers every time)."""
+    return nbytes / float(np.median(copy_samples(nbytes, repeats, working_set_bytes)))
 
 
 def measure(kind: str, sizes_bytes: list[int], repeats: int = 10, verify: bool = False,
