@@ -83,7 +83,7 @@ def build_profile(name: str, spec: ModelSpec, device, dtype: str, results: dict[
     return CostProfile(
         name=name, source="calibrated", prefill=pre.cost, decode=dec.pieces, tp=1,
         hardware="cpu" if device.type == "cpu" else f"cuda:{env.get('device_name', '')}", dtype=dtype, model=spec,
-        links=links, memory_bytes=memory,
+        links=links, memory_bytes=memory, decode_context="padded",  # the runner pads decode attention to the longest
         fit={"prefill": pre_info, "decode": dec_info, "links": link_fit, "ceilings": ceilings,
              "derived": derived_figures(spec, pre, dec, ceilings)},
         environment=env, meta=meta)

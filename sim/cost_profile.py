@@ -3,7 +3,10 @@
 Every profile, whatever its source, answers with the same explicit formulas (times in seconds)::
 
     prefill(batch)      = a + b * sum(len) + c * sum(len^2) + d * num_seqs [+ e * sum(len)^2]
-    decode_step(batch)  = a_p + b_p * batch + c_p * sum(context)        piece p: the first whose max_batch >= batch
+    decode_step(batch)  = a_p + b_p * batch + c_p * context_term       piece p: the first whose max_batch >= batch
+                          context_term = sum(context)                 (decode_context "sum": paged attention)
+                                       = batch * max(context)         (decode_context "padded": every sequence
+                                                                       padded to the longest, as disagg's CPU runner)
     transfer(nbytes)    = latency_s + nbytes / bandwidth_bytes_per_s   (a link preset or a measured transport)
 
 A chunk of ``n`` new tokens on top of ``p`` cached ones counts ``(p + n)^2 - p^2`` towards ``sum(len^2)``, so chunked
@@ -106,6 +109,7 @@ class CostProfile:
     model: ModelSpec | None = None
     links: dict[str, LinkSpec] = field(default_factory=dict)
     memory_bytes: int | None = None
+    decode_context: str = "sum"
     fit: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
@@ -119,6 +123,8 @@ class CostProfile:
         object.__setattr__(self, "decode", pieces)
         if self.tp < 1:
             raise ValueError(f"profile {self.name!r}: tp must be >= 1")
+        if self.decode_context not in ("sum", "padded"):
+            raise ValueError(f"profile {self.name!r}: decode_context must be 'sum' or 'padded', got {self.decode_context!r}")
 
     # --- the three questions -------------------------------------------------------------------------------------
     def prefill_s(self, lens: Sequence[int], cached: Sequence[int] | None = None) -> float:
@@ -154,7 +160,7 @@ class CostProfile:
             "prefill": self.prefill.to_dict(), "decode": [asdict(p) for p in self.decode],
             "links": {k: {"bandwidth_bytes_per_s": v.bandwidth_bytes_per_s, "latency_s": v.latency_s}
                       for k, v in self.links.items()},
-            "memory_bytes": self.memory_bytes, "fit": self.fit, "environment": self.environment, "meta": self.meta,
+            "memory_bytes": self.memory_bytes, "decode_context": self.decode_context, "fit": self.fit, "environment": self.environment, "meta": self.meta,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -188,6 +194,7 @@ class CostProfile:
         return cls(name=str(d.get("name", where)), source=str(d.get("source", "calibrated")), prefill=prefill,
                    decode=decode, tp=int(d.get("tp", 1)), hardware=str(d.get("hardware", "")),
                    dtype=str(d.get("dtype", "bf16")), model=model, links=links, memory_bytes=d.get("memory_bytes"),
+                   decode_context=str(d.get("decode_context", "sum")),
                    fit=d.get("fit") or {}, environment=d.get("environment") or {}, meta=d.get("meta") or {})
 
     @classmethod

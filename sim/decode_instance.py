@@ -250,7 +250,8 @@ class DecodeInstance:
         self.ctx.sample(self, len(self.prefill_q), batch.size + len(chunks))
         dur = self.profile.prefill_s([n for _, n in chunks], cached=[s.context for s, _ in chunks])
         if batch.size:
-            dur += self.profile.decode_step_s(batch.size, batch.first_step_context()) - self.profile.step_overhead_s()
+            dur += (self.profile.decode_step_s(batch.size, batch.first_step_context(self.profile.decode_context))
+                    - self.profile.step_overhead_s())
         t0 = env.now
         yield env.timeout(dur)
         self.busy_s += dur
@@ -272,7 +273,7 @@ class DecodeInstance:
         if k == 0:
             self._preempt_one()
             return
-        s0 = batch.first_step_context()
+        s0 = batch.first_step_context(self.profile.decode_context)
         base, slope = self.profile.decode_linear(size)
         total = steps_time(k, base, slope, s0, size)
         t0 = env.now

@@ -88,6 +88,7 @@ class RunningBatch:
         self._stack_idx: list[int] = []  # suffix-max stack over segments: indices ascending, values descending
         self._stack_val: list[float] = []
         self._new: list[SimSeq] = []  # joined since the last segment: their first gap is their own
+        self._max_heap: list[tuple[int, int, SimSeq]] = []  # (-base, order, seq): the longest context
 
     # --- membership ------------------------------------------------------------------------------------------------
     def add(self, s: SimSeq) -> None:
@@ -104,6 +105,7 @@ class RunningBatch:
         self._members[id(s)] = s
         self._new.append(s)
         heapq.heappush(self._heap, (s.finish_g, s.order, s))
+        heapq.heappush(self._max_heap, (-s.base, s.order, s))
 
     def remove(self, s: SimSeq) -> None:
         """``s`` leaves (finished or preempted): its context, remaining and max gap are written back to it."""
@@ -156,9 +158,15 @@ class RunningBatch:
                 hi = mid
         return lo
 
-    def first_step_context(self) -> int:
-        """Summed attention length of the next step: every member's context + 1."""
-        return self.sum_base + self.size * (self.g + 1)
+    def first_step_context(self, mode: str = "sum") -> int:
+        """The next step's context term: summed attention length (every member's context + 1) for ``"sum"``, or
+        batch x the longest attention length for ``"padded"``. Either grows by exactly ``size`` per step."""
+        if mode == "sum":
+            return self.sum_base + self.size * (self.g + 1)
+        heap = self._max_heap
+        while heap and not (heap[0][2].member and heap[0][2].base == -heap[0][0]):
+            heapq.heappop(heap)
+        return self.size * (-heap[0][0] + self.g + 1) if heap else 0
 
     # --- time ------------------------------------------------------------------------------------------------------
     def advance(self, done: int, first_end: float, last_step: float, t_end: float) -> list[SimSeq]:

@@ -119,3 +119,14 @@ def test_chunked_prefill_iterations():
     r = run(topo, [0.0], [10], [2], prof)[0]
     # chunks of 4, 4, 2 tokens: three 1 s iterations, then one decode step
     assert r["first_token_s"] == approx(3.0) and r["finished_s"] == approx(3.1)
+
+
+@pytest.mark.parametrize("mode,end", [("sum", 1.0 + 0.42 + 0.44), ("padded", 1.0 + 0.52 + 0.54)])
+def test_decode_context_sum_vs_padded(mode, end):
+    from dataclasses import replace
+
+    prof = replace(CostProfile("lin", "constant", PrefillCost(1.0), (DecodePiece(1 << 30, 0.1, 0.0, 0.01),)),
+                   decode_context=mode)
+    recs = run(Topology.colocated(1, kv_capacity_tokens=1000), [0.0, 0.0], [10, 20], [3, 3], prof)
+    # contexts 11 and 21 on the first step: sum 32, padded 2 x 21 = 42; each grows by 2 per step
+    assert recs[0]["finished_s"] == approx(end) and recs[1]["finished_s"] == approx(end)

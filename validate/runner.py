@@ -1,0 +1,170 @@
+"""`validate(...)`: calibrate, find each topology's capacity, run the real engine at load fractions, simulate exactly
+the same requests, and measure the simulator's error (`validate.compare`).
+
+Same-run discipline: calibration, the real runs and the simulations happen in one invocation, so the machine's noise
+level is shared. The simulation replays the real run's requests with the arrival times the router stamped (same ids,
+lengths, arrivals), on the same `Topology` (the engine and the simulator read the same pool settings), with the
+calibrated profile and its measured transport ("shm") as the link.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from sim.cost_profile import CostProfile
+from sim.model_spec import ModelSpec, get_model
+from sim.request import Workload
+from sim.simulator import simulate
+from sim.topology import Topology
+from sim.traces import load_trace
+from validate.compare import compare
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+
+
+class ValidateError(ValueError):
+    """Bad validate input; the message names the option."""
+
+
+def parse_topology(label: str, link: str = "shm", **pool_kw: object) -> Topology:
+    """``"2C"`` -> 2 colocated instances; ``"1P1D"`` -> 1 prefill + 1 decode instance joined by ``link``."""
+    m = re.fullmatch(r"(\d+)C", label.strip(), re.I)
+    if m and int(m[1]) > 0:
+        return Topology.colocated(int(m[1]), **pool_kw)  # type: ignore[arg-type]
+    m = re.fullmatch(r"(\d+)P(\d+)D", label.strip(), re.I)
+    if m and int(m[1]) > 0 and int(m[2]) > 0:
+        return Topology.disaggregated(int(m[1]), int(m[2]), link=link, **pool_kw)  # type: ignore[arg-type]
+    raise ValidateError(f"--topologies: {label!r} is not like 2C or 1P1D")
+
+
+def scaled_workload(name_or_path: str, model: ModelSpec, num_requests: int, rate_rps: float, seed: int,
+                    length_scale: float | None = None) -> Workload:
+    """``num_requests`` requests with the trace's (prompt, output) pairs, lengths scaled by ``length_scale`` (default:
+    so the trace's p99 prompt+output fits the model's context), Poisson arrivals at ``rate_rps`` (seeded)."""
+    base = load_trace(name_or_path).head(num_requests)
+    if len(base) < num_requests:
+        raise ValidateError(f"--num-requests {num_requests}: the trace has only {len(base)} requests")
+    totals = np.array([r.prompt_tokens + r.output_tokens for r in base])
+    scale = length_scale or min(1.0, 0.9 * model.max_context_tokens / float(np.percentile(totals, 99)))
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0 / rate_rps, len(base))
+    arrivals = np.concatenate([[0.0], np.cumsum(gaps[1:])])
+    reqs = tuple(replace(r, arrival_s=float(a), prompt_tokens=max(1, round(r.prompt_tokens * scale)),
+                         output_tokens=max(2, round(r.output_tokens * scale)))
+                 for r, a in zip(base.requests, arrivals))
+    w = Workload(reqs, f"{base.name}-scaled{scale:.2f}@{rate_rps:.2f}rps")
+    return w.clip_lengths(max_total_tokens=model.max_context_tokens - 1)
+
+
+@dataclass
+class RunResult:
+    topology: str
+    load: float
+    rate_rps: float
+    repeat: int
+    real: pa.Table
+    sim: pa.Table
+    errors: dict
+
+
+@dataclass
+class ValidationReport:
+    """Everything a validate run measured; `validate.report.write` turns it into files."""
+
+    profile: CostProfile
+    capacity_rps: dict[str, float]
+    runs: list[RunResult] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+
+def _run_real(model: str, topo: Topology, workload: Workload, transport: str, seed: int) -> pa.Table:
+    from engine.cluster import Cluster
+    from engine.loadgen import run_load
+
+    with Cluster(model, topo, transport=transport, seed=seed) as c:
+        return run_load(c.url, workload, seed=seed)
+
+
+def _replay(real: pa.Table, workload: Workload) -> Workload:
+    """The workload with the arrival times the router actually stamped (requests it never saw keep theirs)."""
+    stamped = dict(zip(real.column("request_id").to_pylist(), real.column("arrival_s").to_pylist()))
+    reqs = tuple(replace(r, arrival_s=max(0.0, stamped.get(r.id, r.arrival_s)))
+                 if not math.isnan(stamped.get(r.id, math.nan)) else r for r in workload.requests)
+    return Workload(reqs, workload.name)
+
+
+def measure_capacity(model: str, topo: Topology, spec: ModelSpec, trace: str, transport: str, seed: int,
+                     length_scale: float | None, burst: int) -> float:
+    """A short real ramp: ``burst`` requests at once; capacity = requests finished by the time half of them are done,
+    divided by that time (the queue is still full then, so every instance is busy)."""
+    w = scaled_workload(trace, spec, burst, rate_rps=1e6, seed=seed + 7, length_scale=length_scale)
+    real = _run_real(model, topo, w, transport, seed)
+    ok = np.asarray(real.column("status").to_pylist()) == "ok"
+    fin = np.sort(real.column("finished_s").to_numpy()[ok])
+    if fin.size < 2:
+        raise ValidateError(f"{topo.label}: the capacity ramp completed {fin.size} of {burst} requests")
+    half = fin[fin.size // 2 - 1]
+    return (fin.size // 2) / half
+
+
+def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), loads: tuple[float, ...] = (0.3, 0.6, 0.9),
+             workload: str = "azure-conv", num_requests: int = 100, profile: str | Path | None = None,
+             calibrate_budget_s: float = 60.0, repeat: int = 1, seed: int = 0, transport: str = "shm",
+             length_scale: float | None = None, burst: int = 32, capacity_rps: dict[str, float] | None = None,
+             progress: Progress | None = None) -> ValidationReport:
+    """Run the measure -> simulate -> compare loop (module docstring). ``capacity_rps`` skips the ramp for the
+    topologies it names. Raises `ValidateError` on bad input."""
+    say = progress or (lambda msg: log.info(msg))
+    if not loads or any(not 0 < f <= 2 for f in loads):
+        raise ValidateError(f"--loads must be fractions of capacity in (0, 2], got {list(loads)}")
+    if num_requests < 2 or repeat < 1:
+        raise ValidateError("--num-requests must be >= 2 and --repeat >= 1")
+    from engine.cluster import DEFAULT_KV_TOKENS, resolve_model
+
+    # the same pool settings for the engine and the simulator (the engine's defaults, made explicit)
+    topos = {label: parse_topology(label, link=transport, kv_capacity_tokens=DEFAULT_KV_TOKENS) for label in topologies}
+    from sim.model_spec import from_hf_config
+
+    folder = resolve_model(model)
+    spec = get_model(model) if model.lower() in ("tiny",) else from_hf_config(folder)
+    if profile is not None:
+        prof = CostProfile.load(profile)
+        say(f"profile {profile}")
+    else:
+        import calibrate
+
+        say(f"calibrating {model} ({calibrate_budget_s:.0f} s budget)")
+        prof = calibrate.run(model=str(folder), budget_s=calibrate_budget_s, transports=[transport]).profile
+    if transport not in prof.links:
+        raise ValidateError(f"the profile has no measured {transport!r} transport (has {sorted(prof.links)}); "
+                            "recalibrate with the transport sweep")
+    report = ValidationReport(prof, {}, config={
+        "model": model, "topologies": list(topologies), "loads": list(loads), "workload": workload,
+        "num_requests": num_requests, "repeat": repeat, "seed": seed, "transport": transport,
+        "length_scale": length_scale, "burst": burst})
+    for label, topo in topos.items():
+        if capacity_rps and label in capacity_rps:
+            cap = capacity_rps[label]
+        else:
+            say(f"{label}: capacity ramp ({burst} requests at once)")
+            cap = measure_capacity(model, topo, spec, workload, transport, seed, length_scale, burst)
+        report.capacity_rps[label] = cap
+        say(f"{label}: capacity {cap:.2f} req/s")
+        for load in loads:
+            rate = load * cap
+            w = scaled_workload(workload, spec, num_requests, rate, seed, length_scale)
+            for k in range(repeat):
+                say(f"{label} at {load:.0%} ({rate:.2f} req/s), run {k + 1}/{repeat}: engine")
+                real = _run_real(model, topo, w, transport, seed)
+                sim = simulate(topo, _replay(real, w), prof, model=spec, seed=seed).records
+                report.runs.append(RunResult(label, load, rate, k, real, sim, compare(real, sim)))
+    return report
