@@ -1,6 +1,7 @@
 """disagg's simulator core and shared vocabulary. Light to import: no torch, no simpy until a simulation runs.
 
-Python API: ``sim.simulate(topology, workload, profile, seed=...) -> SimResult`` (see `sim.simulator`), and the
+Python API: ``sim.simulate(topology, workload, profile, seed=...) -> SimResult`` (see `sim.simulator`),
+``sim.plan(model=..., hardware=..., workload=..., slo=..., gpu_budget=...) -> PlanResult`` (see `sim.plan`), and the
 shared types `ModelSpec`, `HardwareSpec`, `LinkSpec`, `CostProfile`, `Workload`, `RequestSpec`, `Topology`,
 `PoolSpec`, `SLO`, `RequestRecord`.
 """
@@ -20,7 +21,7 @@ from sim.topology import PoolSpec, Topology
 __all__ = ["CostProfile", "constant_profile", "roofline_profile", "HARDWARE", "LINKS", "HardwareSpec", "LinkSpec",
            "SLO", "summarize", "PRESETS", "ModelSpec", "from_hf_config", "get_model", "RequestRecord",
            "records_to_table", "table_to_records", "RequestSpec", "Workload", "PoolSpec", "Topology", "simulate",
-           "SimResult"]
+           "SimResult", "plan", "PlanResult"]
 
 
 def __getattr__(name: str) -> Any:
@@ -28,4 +29,9 @@ def __getattr__(name: str) -> Any:
         from sim import simulator
 
         return getattr(simulator, name)
+    if name in ("plan", "PlanResult"):
+        import importlib
+
+        module = importlib.import_module("sim.plan")  # a callable module: sim.plan(...) runs sim.plan.plan(...)
+        return module if name == "plan" else module.PlanResult
     raise AttributeError(f"module 'sim' has no attribute {name!r}")

@@ -27,7 +27,9 @@ import json
 import logging
 import math
 import os
+import sys
 import time
+import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,12 +121,26 @@ def _workload(w: str | Workload | Mapping) -> Workload:
     return load_trace(w)
 
 
+def _default_tps(model: ModelSpec, hw: str, longest: int) -> list[int]:
+    """TP 1, 2, 4, 8 from the smallest that holds the weights and the longest request, up to 4x that."""
+    from sim.topology import PoolSpec
+
+    for tp in (1, 2, 4, 8):
+        try:
+            if PoolSpec("decode", 1, tp, hw).kv_capacity(model) > longest + 16:
+                return [t for t in (1, 2, 4, 8) if tp <= t <= 4 * tp]
+        except ValueError:
+            continue
+    return [8]
+
+
 def _devices(hardware: str | Sequence[str] | None, profiles: object, tps: Sequence[int] | None,
-             model: ModelSpec) -> tuple[list[str], dict[tuple[str, int], CostProfile], dict[str, str | None]]:
+             model: ModelSpec, base: Workload) -> tuple[list[str], dict[tuple[str, int], CostProfile],
+                                                    dict[str, str | None]]:
     """Device names, a profile for each (device, TP) the search may use, and each device's PoolSpec.hardware value.
 
     A supplied profile (calibrated or imported) is used for its own device and TP only; preset hardware without one
-    gets datasheet roofline profiles at every TP in ``tps``.
+    gets datasheet roofline profiles at every TP in ``tps`` (default: `_default_tps`).
     """
     if isinstance(profiles, CostProfile):
         supplied = [profiles]
@@ -146,7 +162,8 @@ def _devices(hardware: str | Sequence[str] | None, profiles: object, tps: Sequen
         if hw.lower() in HARDWARE:
             key[hw] = hw.lower()
             if not has_profile:
-                for tp in tps or (1, 2, 4, 8):
+                longest = max(r.prompt_tokens + r.output_tokens for r in base.requests)
+                for tp in tps or _default_tps(model, hw, longest):
                     table[(hw, tp)] = roofline_profile(model, get_hardware(hw), tp)
         elif has_profile:
             key[hw] = None  # memory comes from the profile
@@ -171,7 +188,7 @@ def plan(model: str | ModelSpec = "llama-3.1-8b", hardware: str | Sequence[str] 
          kinds: Sequence[str] = ("colocated", "disaggregated"), chunked: Sequence[bool] = (False, True),
          heterogeneous: bool = True, max_batch_sizes: Sequence[int] = (256,), max_batch_tokens: int = 8192,
          topologies: Sequence[Topology] | None = None, verify_top: int = 3, refine_routers: Sequence[str] = (
-             "least_outstanding",), sim_seconds: float = 30.0, min_requests: int = 200, warmup_frac: float = 0.2,
+             "least_outstanding",), sim_seconds: float = 20.0, min_requests: int = 200, warmup_frac: float = 0.2,
          prefix_frac: float = 0.4, rank_by: str = "goodput_per_gpu", workers: int | None = None,
          cache_dir: str | Path | None | bool = True, seed: int = 0, progress: Progress | None = None) -> PlanResult:
     """Search topologies within ``gpu_budget`` GPUs for the best goodput per GPU (or cost) under ``slo``.
@@ -217,7 +234,7 @@ def plan(model: str | ModelSpec = "llama-3.1-8b", hardware: str | Sequence[str] 
         names = sorted({p.hardware or "" for t in topologies for p in t.pools} - {""}) or None
         tps = sorted({p.tp for t in topologies for p in t.pools})
         hardware = hardware or names
-    devices, table, hw_key = _devices(hardware, profiles, tps, spec)
+    devices, table, hw_key = _devices(hardware, profiles, tps, spec, base)
     tp_list = sorted({tp for _, tp in table})
     cands = list(topologies) if topologies else [
         t for b in max_batch_sizes for t in search_space(
@@ -240,21 +257,23 @@ def plan(model: str | ModelSpec = "llama-3.1-8b", hardware: str | Sequence[str] 
             "multi_link": len(links) > 1}
     try:
         results = runner.screen(cands, progress)
+        screened = time.perf_counter()
         todo = _finalists(rank(results, rank_by, target_rate_rps, **opts), verify_top, bool(topologies))
-        variants = [_variant(r, rt) for r in todo[:1] for rt in refine_routers if rt != r["_topology"].router]
+        variants = [_variant(r, rt) for r in todo[:1] for rt in refine_routers
+                    if rt != r["_topology"].router and max(p.instances for p in r["_topology"].pools) > 1]
         results += variants
         for _ in range(3):  # verify until the top-ranked row is a simulated one
             runner.verify([r for r in todo + variants if r["method"] != "simulated"], progress)
             variants = []
-            top = next((r for r in rank(results, rank_by, target_rate_rps, **opts) if r["goodput_rps"] > 0), None)
-            if top is None or top["method"] == "simulated":
+            ranked = rank(results, rank_by, target_rate_rps, **opts)
+            todo = [r["_src"] for r in ranked if r["goodput_rps"] > 0][:2]
+            if not todo or todo[0]["method"] == "simulated":
                 break
-            todo = [next(r for r in results if r["_topology"] is top["_topology"])]
         rows = rank(results, rank_by, target_rate_rps, **opts)
         rec = recommend(rows, slo, target_rate_rps, runner.compare_point)
     finally:
         runner.close()
-    stats = {"wall_s": time.perf_counter() - started, "topologies": len(results), "skipped": runner.skipped,
+    stats = {"wall_s": time.perf_counter() - started, "screen_s": screened - started, "topologies": len(results), "skipped": runner.skipped,
              "simulations": runner.sims, "cache_hits": runner.hits, "simulated_requests": runner.requests,
              "instance_ladders": len(runner.curves), "verified": sum(r["method"] == "simulated" for r in rows),
              "workers": runner.workers}
@@ -280,3 +299,14 @@ def _variant(row: dict, router: str) -> dict:
     t = src["_topology"]
     return {**src, "_topology": Topology(t.kind, t.pools, t.link, router, meta=dict(t.meta)), "method": "composed",
             "points": [], "note": ""}
+
+
+class _CallableModule(types.ModuleType):
+    """``sim.plan`` is both this module and the function: importing the module rebinds the package attribute to it,
+    so the module itself answers calls."""
+
+    def __call__(self, *args: object, **kwargs: object) -> PlanResult:
+        return plan(*args, **kwargs)  # type: ignore[arg-type]
+
+
+sys.modules[__name__].__class__ = _CallableModule

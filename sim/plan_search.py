@@ -250,7 +250,7 @@ class Evaluator:
         keep = steady(arrays, self.warmup)
         ok = arrays["ok"] & keep
         att = attainment(arrays, self.slo, self.metric, self.warmup)
-        pt = {"rate_rps": rate, "requests": int(len(keep)), "full": full, "attainment": att,
+        pt = {"rate_rps": rate, "requests": len(keep), "full": full, "attainment": att,
               "passes": att >= self.slo.attainment,
               "ttft": _pcts(np.where(ok, arrays["ttft_s"], np.nan), self.slo.percentile),
               "tpot": _pcts(np.where(ok, arrays["tpot_s"], np.nan), self.slo.percentile)}
@@ -278,9 +278,9 @@ class Evaluator:
             return out
         for f in sorted(self.cache.dir.glob("*.parquet")):
             rate_s, n_s = f.stem.rsplit("_", 1)
-            rate = float(rate_s)
-            k = round(STEPS_PER_OCTAVE * math.log2(rate))
-            if not math.isclose(grid_rate(k), rate, rel_tol=1e-6):
+            k = round(STEPS_PER_OCTAVE * math.log2(float(rate_s)))
+            rate = grid_rate(k)
+            if f"{rate:.9g}" != rate_s:
                 continue  # a target-rate run, not a grid point
             if int(n_s) == self.requests(rate):
                 out[k] = self.point(rate, self.run(rate), full=True)["passes"]
@@ -290,12 +290,13 @@ class Evaluator:
         return out
 
 
-def bisect_goodput(passes, k_start: int, k_min: int, k_max: int, known: dict[int, bool] | None = None
-                   ) -> tuple[int | None, bool]:
+def bisect_goodput(passes, k_start: int, k_min: int, k_max: int, known: dict[int, bool] | None = None,
+                   step: int = 6) -> tuple[int | None, bool]:
     """Largest grid index k in [k_min, k_max] with ``passes(k)`` (assumed monotone: passing rates form a prefix).
 
-    ``known`` holds outcomes already at hand (e.g. from the cache). Returns (k or None when even k_min fails,
-    capped: True when k_max itself passes).
+    ``known`` holds outcomes already at hand (e.g. from the cache); ``step`` is the first stride (grid steps) of the
+    walk away from ``k_start``, doubled at each further step. Returns (k or None when even k_min fails, capped: True
+    when k_max itself passes).
     """
     known = dict(known or {})
 
@@ -314,25 +315,25 @@ def bisect_goodput(passes, k_start: int, k_min: int, k_max: int, known: dict[int
             lo = k_start
         else:
             hi = k_start
-    step = 6
+    up = step
     while hi is None:  # walk up from a passing rate until one fails
         assert lo is not None
         if lo >= k_max:
             return lo, True
-        k = min(lo + step, k_max)
+        k = min(lo + up, k_max)
         if ok(k):
-            lo, step = k, step * 2
+            lo, up = k, up * 2
         else:
             hi = k
-    step = 8
+    down = step
     while lo is None:  # walk down from a failing rate until one passes
         if hi <= k_min:
             return None, False
-        k = max(hi - step, k_min)
+        k = max(hi - down, k_min)
         if ok(k):
             lo = k
         else:
-            hi, step = k, step * 2
+            hi, down = k, down * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if ok(mid):
@@ -389,7 +390,7 @@ def search(job_doc: str) -> str:
         start = grid_index(float(job["start_rate_rps"]))
         k_ub = grid_index(float(job["capacity_rps"]))
         k, capped = bisect_goodput(lambda k: ev.passes(grid_rate(k)), start, min(start, k_ub) - 6 * STEPS_PER_OCTAVE,
-                                   max(start, k_ub) + 2 * STEPS_PER_OCTAVE, ev.cached_outcomes())
+                                   max(start, k_ub) + 2 * STEPS_PER_OCTAVE, ev.cached_outcomes(), step=2)
         goodput = grid_rate(k) if k is not None else 0.0
         out.update(goodput_rps=goodput, capped=capped, at_goodput=ev.points.get(goodput) if k is not None else None)
         if job.get("target_rate_rps"):
