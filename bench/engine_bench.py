@@ -37,7 +37,7 @@ from sim.metrics import summarize
 from sim.request import Workload
 from sim.topology import Topology
 
-console = Console()
+console = Console(width=150)
 MIB = 1 << 20
 STREAM_BYTES = 256 * MIB  # working set of the streaming memcpy figure (beyond every cache level but L3's 300 MiB)
 

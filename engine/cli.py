@@ -62,6 +62,7 @@ def register(app: typer.Typer) -> None:
         max_batch_tokens: int | None = typer.Option(None, help="Prompt tokens per prefill batch."),
         chunked_prefill: bool | None = typer.Option(None, "--chunked-prefill/--no-chunked-prefill", help="Colocated: chunked prefill."),
         dtype: str = typer.Option("bf16", help="bf16, fp32 or fp16."),
+        device: str = typer.Option("cpu", help="Torch device of the workers (cpu, cuda)."),
         threads: int = typer.Option(1, help="Torch threads per worker process."),
         max_outstanding: int = typer.Option(1024, help="Requests in flight before the router answers 429."),
         records: Path | None = typer.Option(None, help="Write the server-side records (Parquet) here on exit."),
@@ -84,8 +85,12 @@ def register(app: typer.Typer) -> None:
             fail(str(e))
         stop = {"now": False}
         signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-        cluster = Cluster(model, topo, transport=transport, dtype=dtype, threads=threads, host=host, port=port,
-                          max_outstanding=max_outstanding, records_path=records, log_dir=log_dir, verify_kv=verify_kv)
+        try:
+            cluster = Cluster(model, topo, transport=transport, dtype=dtype, device=device, threads=threads, host=host,
+                              port=port, max_outstanding=max_outstanding, records_path=records, log_dir=log_dir,
+                              verify_kv=verify_kv)
+        except ValueError as e:
+            fail(str(e))
         try:
             with console.status(f"starting {topo.label} ({len(cluster.topology.pools)} pools) ..."):
                 url = cluster.start()

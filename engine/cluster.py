@@ -7,7 +7,8 @@
 Workers are named like the simulator's instances (``P0``, ``D0``, ``C0``...), so engine and simulator records join
 on them. Each worker is its own process (own model copy, ``threads`` torch threads) in its own process group; the
 router is one more process. Everything binds ``host`` (127.0.0.1) on free ports; a fresh secret authenticates
-every link. Pool settings come from the topology: ``max_batch_size``, ``max_batch_tokens``, ``block_size_tokens``,
+every link. ``device`` is the workers' torch device (``"cuda"`` for GPU runs; pair it with
+``transport="cuda"`` for NCCL KV transfers). Pool settings come from the topology: ``max_batch_size``, ``max_batch_tokens``, ``block_size_tokens``,
 ``chunked_prefill`` and ``kv_capacity_tokens`` (default `DEFAULT_KV_TOKENS` per instance when unset; ``tp``,
 ``hardware`` and ``memory_utilization`` do not apply to this CPU engine).
 
@@ -83,11 +84,14 @@ class Cluster:
     """Router + workers for ``topology`` serving ``model`` (a preset name or a folder). See the module docstring."""
 
     def __init__(self, model: str | Path, topology: Topology, *, transport: str = "shm", dtype: str = "bf16",
+                 device: str = "cpu",
                  threads: int = 1, host: str = "127.0.0.1", port: int = 0, max_outstanding: int = 1024,
                  max_retries: int = 2, request_timeout_s: float = 600.0, verify_kv: bool = False, seed: int = 0,
                  queue_limit: int = 4096, records_path: str | Path | None = None, log_dir: str | Path | None = None,
                  startup_timeout_s: float = 120.0, model_name: str | None = None, log_level: str = "WARNING"):
-        self.model, self.topology, self.transport, self.dtype = model, topology, transport, dtype
+        self.model, self.topology, self.transport, self.dtype, self.device = model, topology, transport, dtype, device
+        if transport == "cuda" and not device.startswith("cuda"):
+            raise ValueError("the cuda KV transport needs device='cuda'")
         self.threads, self.host, self.port, self.max_outstanding = threads, host, port, max_outstanding
         self.max_retries, self.request_timeout_s, self.verify_kv, self.seed = max_retries, request_timeout_s, verify_kv, seed
         self.queue_limit, self.records_path, self.log_dir = queue_limit, records_path, log_dir
@@ -168,8 +172,8 @@ class Cluster:
         return WorkerSpec(name=name, role=pool.role, model_dir=str(model_dir), num_blocks=cap // pool.block_size_tokens,
                           block_size=pool.block_size_tokens, max_batch_size=pool.max_batch_size,
                           max_batch_tokens=pool.max_batch_tokens, chunked_prefill=pool.chunked_prefill,
-                          dtype=self.dtype, transport=self.transport, threads=self.threads, verify_kv=self.verify_kv,
-                          queue_limit=self.queue_limit, host=self.host,
+                          dtype=self.dtype, device=self.device, transport=self.transport, threads=self.threads,
+                          verify_kv=self.verify_kv, queue_limit=self.queue_limit, host=self.host,
                           ready_path=str(self._run_dir / f"{name}.ready"), parent_pid=os.getpid())
 
     def stop(self, timeout_s: float = 10.0) -> None:
