@@ -105,3 +105,19 @@ def test_health_models_metrics(cluster_1p1d):
     assert 'disagg_worker_alive{worker="P0",role="prefill"} 1' in m and "disagg_output_tokens_total" in m
     w = httpx.get(f"{base}/v1/workers").json()["workers"]
     assert {x["name"] for x in w} == {"P0", "D0"} and all(x["kv_capacity_blocks"] == 1024 for x in w)
+
+
+@pytest.mark.slow
+def test_tcp_kv_transport_end_to_end(tiny_model_dir, reference):
+    from engine.cluster import Cluster
+    from sim.topology import Topology
+
+    cases = _prompts(8, seed=5)
+    with Cluster(tiny_model_dir, Topology.disaggregated(1, 1, kv_capacity_tokens=8192), transport="tcp",
+                 verify_kv=True, model_name="tiny", dtype="fp32") as c:
+        out = asyncio.run(_run_all(c.url, cases, temperature=0))
+        recs = httpx.get(f"{c.url}/v1/records").json()["records"]
+    for (prompt, m), ids in zip(cases, out):
+        assert ids == reference(prompt, m, eos_id=EOS)
+    moved = [r for r in recs if r["kv_bytes"]]
+    assert moved and all(r["kv_sha256_sent"] == r["kv_sha256_received"] != "" for r in moved)
