@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         from validate.report import table, write
         from validate.runner import ValidateError, validate
 
-        console = Console()
+        console = Console(width=170)
         try:
             loads_f = tuple(float(x) for x in loads.split(",") if x.strip())
         except ValueError:
