@@ -7,12 +7,14 @@ weights (overridable with ``kv_capacity_tokens``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 
 from sim.hardware import get_hardware
 from sim.model_spec import ModelSpec
 
 ROLES = ("prefill", "decode", "colocated")
+_LABEL = re.compile(r"(?:(\d+)P(\d+)D|(\d+)C)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,18 @@ class Topology:
         return cls("disaggregated", (PoolSpec("prefill", prefill, tp_prefill, hardware, **pool_kw),  # type: ignore[arg-type]
                                      PoolSpec("decode", decode, tp_decode, decode_hardware or hardware, **pool_kw)),  # type: ignore[arg-type]
                    link=link, router=router)
+
+    @classmethod
+    def from_label(cls, label: str, **kw: object) -> Topology:
+        """``"2C"`` -> 2 colocated instances, ``"1P1D"`` -> 1 prefill + 1 decode (case-insensitive); ``kw`` go to
+        `colocated` / `disaggregated` (pool settings, ``link``, ``router``). Raises ValueError on anything else."""
+        m = _LABEL.fullmatch(label.strip())
+        if not m or any(g is not None and int(g) < 1 for g in m.groups()):
+            raise ValueError(f"topology label {label!r}: expected NC or NPMD with N, M >= 1, e.g. 2C or 1P1D")
+        if m[3]:
+            kw.pop("link", None)
+            return cls.colocated(int(m[3]), **kw)  # type: ignore[arg-type]
+        return cls.disaggregated(int(m[1]), int(m[2]), **kw)  # type: ignore[arg-type]
 
     def with_pool(self, role: str, **changes: object) -> Topology:
         return replace(self, pools=tuple(replace(p, **changes) if p.role == role else p for p in self.pools), name="")  # type: ignore[arg-type]

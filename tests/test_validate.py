@@ -69,7 +69,7 @@ def test_parse_topology(label, kind, gpus):
 
 @pytest.mark.parametrize("label", ["0C", "P1D", "2X", ""])
 def test_parse_topology_rejects(label):
-    with pytest.raises(ValidateError, match="2C or 1P1D"):
+    with pytest.raises(ValidateError, match="e.g. 2C or 1P1D"):
         parse_topology(label)
 
 

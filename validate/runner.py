@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,14 +35,11 @@ class ValidateError(ValueError):
 
 
 def parse_topology(label: str, link: str = "shm", **pool_kw: object) -> Topology:
-    """``"2C"`` -> 2 colocated instances; ``"1P1D"`` -> 1 prefill + 1 decode instance joined by ``link``."""
-    m = re.fullmatch(r"(\d+)C", label.strip(), re.I)
-    if m and int(m[1]) > 0:
-        return Topology.colocated(int(m[1]), **pool_kw)  # type: ignore[arg-type]
-    m = re.fullmatch(r"(\d+)P(\d+)D", label.strip(), re.I)
-    if m and int(m[1]) > 0 and int(m[2]) > 0:
-        return Topology.disaggregated(int(m[1]), int(m[2]), link=link, **pool_kw)  # type: ignore[arg-type]
-    raise ValidateError(f"--topologies: {label!r} is not like 2C or 1P1D")
+    """``"2C"`` / ``"1P1D"`` with the KV link named after the engine's transport (see `Topology.from_label`)."""
+    try:
+        return Topology.from_label(label, link=link, **pool_kw)
+    except ValueError as e:
+        raise ValidateError(f"--topologies: {e}") from None
 
 
 def scaled_workload(name_or_path: str, model: ModelSpec, num_requests: int, rate_rps: float, seed: int,
