@@ -41,6 +41,7 @@ from sim.request import RequestSpec, Workload
 from sim.topology import PoolSpec, Topology
 
 STEPS_PER_OCTAVE = 16
+MAX_REQUESTS = 50_000  # per simulation: a safety net against runaway rates
 _CODE_FILES = ("simulator.py", "decode_instance.py", "prefill_instance.py", "link.py", "running_batch.py",
                "kv_blocks.py", "router.py", "records.py", "metrics.py", "topology.py", "cost_profile.py",
                "plan_search.py")
@@ -224,7 +225,7 @@ class Evaluator:
 
     def requests(self, rate: float) -> int:
         """Requests the unit simulates at cluster rate ``rate``: ``sim_seconds`` of its arrivals, >= min_requests."""
-        return max(self.min_n, math.ceil(rate / self.g * self.sim_s))
+        return min(MAX_REQUESTS, max(self.min_n, math.ceil(rate / self.g * self.sim_s)))
 
     def run(self, rate: float, take: int | None = None) -> dict:
         """Per-request arrays of the unit simulated at ``rate`` (of the whole cluster), first ``take`` requests."""

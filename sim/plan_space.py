@@ -118,7 +118,7 @@ def instance_capacity_rps(role: str, prof: CostProfile, pool: PoolSpec, kv_token
     prefill: 1 / prefill seconds per request with full batches; decode: largest KV-resident batch / (step time x
     decode steps per request); colocated: 1 / (prefill + decode time per request).
     """
-    steps = max(lens.mean_decode_steps, 1e-9)
+    steps = max(lens.mean_decode_steps, 1.0)  # at least one step: keeps the bound finite for one-token outputs
     if role == "prefill":
         return 1.0 / _prefill_time_per_request(prof, pool, lens)
     b, step = _decode_batch(prof, pool, kv_tokens, lens)
