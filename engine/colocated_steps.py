@@ -3,7 +3,8 @@
 
 Prefill-first: at a step boundary with prompts waiting, take them FCFS while the batch stays within
 ``max_batch_size`` (running requests included), ``max_batch_tokens`` prompt tokens (the first prompt always fits)
-and the free blocks (prompt + 1 tokens each); run one prefill; the first tokens go to the router at once and the
+and the headroom (blocks for prompt + 2 tokens next to the running batch's next step, as in the simulator;
+prompt + 1 are reserved); run one prefill; the first tokens go to the router at once and the
 requests join the running batch (``decode_start_s = prefill_end_s``).
 
 Chunked: first preempt (LIFO) until every running request can grow by one token; then the iteration carries each
@@ -24,13 +25,13 @@ class ColocatedSteps:
     """Needs the `DecodeWorker` attributes: spec, runner, lock, running, prefill_q, _join, _advance, to_router."""
 
     def _prefill_batch(self) -> bool:
-        alloc, bs, spec = self.runner.cache.allocator, self.spec.block_size, self.spec
+        bs, spec = self.spec.block_size, self.spec
         batch, tokens = [], 0
         with self.lock:
             while self.prefill_q and len(self.running) + len(batch) < spec.max_batch_size:
                 s = self.prefill_q[0]
                 n = s.prompt_len
-                if (batch and tokens + n > spec.max_batch_tokens) or blocks_for(n + 1, bs) > alloc.num_free_blocks:
+                if (batch and tokens + n > spec.max_batch_tokens) or not self._headroom(blocks_for(n + 2, bs)):
                     break
                 self.prefill_q.popleft()
                 self.runner.reserve([s.seq], [n + 1])
@@ -74,6 +75,7 @@ class ColocatedSteps:
             while self.running and growth(self.running) > alloc.num_free_blocks:
                 self._preempt_one()
             run = list(self.running)
+            grow = self.growth()
             budget = spec.max_batch_tokens - len(run)
             now = time.monotonic()
             for s in self.prefill_q:
@@ -83,7 +85,7 @@ class ColocatedSteps:
                 left = s.prompt_len - cached
                 n = min(left, budget)
                 end = cached + n + (1 if n == left else 0)
-                if blocks_for(end, bs) - len(s.seq.block_table) > alloc.num_free_blocks:
+                if blocks_for(end, bs) - len(s.seq.block_table) + (n == left) + grow > alloc.num_free_blocks:
                     break
                 self.runner.reserve([s.seq], [end])
                 if not s.t_prefill:

@@ -2,8 +2,7 @@
 
 Scheduling mirrors `sim.decode_instance.DecodeInstance`, one loop iteration per step boundary:
 
-1. preempted requests are recomputed first (a prefill of their whole context) when their blocks fit next to the
-   running batch's growth for one more step (without that term a recomputed request is preempted again at once);
+1. preempted requests are recomputed first (a prefill of their whole context) when there is `_headroom` for them;
 2. requests whose KV has arrived (``ready``) join the batch, up to ``max_batch_size``;
 3. colocated only, prefill-first: a waiting prompt batch runs now (FCFS, ``max_batch_tokens``, blocks for
    prompt + 1), or with ``chunked_prefill`` one mixed iteration carries every running request's next token plus
@@ -11,8 +10,9 @@ Scheduling mirrors `sim.decode_instance.DecodeInstance`, one loop iteration per 
 4. otherwise one decode step for the whole batch; if the batch cannot grow by one token, the most recently admitted
    request is preempted (its blocks freed) instead.
 
-Disaggregated KV admission: a `KVReady` queues in ``incoming`` (FIFO). Whenever the head's blocks (context + 1)
-are free, and nothing waits for recompute, they are reserved and the KV pulled from the prefill worker
+Disaggregated KV admission: a `KVReady` queues in ``incoming`` (FIFO). Whenever there is headroom for the head
+(blocks for context + 2 tokens next to the running batch's next step, as in the simulator) and nothing waits for
+recompute, blocks for context + 1 tokens are reserved and the KV pulled from the prefill worker
 (``kv_transfer_start_s``). The link's reader thread imports the body into the reserved blocks as it arrives
 (``kv_transfer_end_s``) and the request joins at the next step boundary (``decode_start_s``). Finishing requests
 free blocks and restart admission, as in the simulator.
@@ -154,10 +154,10 @@ class DecodeWorker(ColocatedSteps, WorkerBase):
 
     def _start_transfers(self) -> None:
         """Reserve blocks and pull KV for the incoming head while it fits (caller holds ``lock``)."""
-        alloc, bs = self.runner.cache.allocator, self.spec.block_size
+        bs = self.spec.block_size
         while self.incoming and not self.preempted:
             s = self.incoming[0]
-            if blocks_for(s.context + 1, bs) > alloc.num_free_blocks:
+            if not self._headroom(blocks_for(s.context + 2, bs)):
                 break
             self.incoming.popleft()
             self.runner.reserve([s.seq], [s.context + 1])
@@ -244,6 +244,17 @@ class DecodeWorker(ColocatedSteps, WorkerBase):
                 continue
             self._decode_step()
 
+    def growth(self) -> int:
+        """Blocks the running batch still needs for its next (or in-progress) step (caller holds ``lock``)."""
+        bs = self.spec.block_size
+        return sum(max(0, blocks_for(len(s.seq.token_ids), bs) - len(s.seq.block_table)) for s in self.running)
+
+    def _headroom(self, need: int) -> bool:
+        """Can ``need`` blocks be taken and still leave the running batch room for its step? Admissions pass what
+        the newcomer needs for its own first step too (context + 2 tokens), as `sim.decode_instance` does, so an
+        admission never forces an immediate preemption (which would livelock: admit, preempt, recompute, ...)."""
+        return need + self.growth() <= self.runner.cache.allocator.num_free_blocks
+
     def _join(self, s: DSeq) -> None:
         self._order += 1
         s.order = self._order
@@ -270,14 +281,11 @@ class DecodeWorker(ColocatedSteps, WorkerBase):
         self.counters["preemptions"] += 1
 
     def _recompute(self) -> bool:
-        alloc, bs, batch = self.runner.cache.allocator, self.spec.block_size, []
+        bs, batch = self.spec.block_size, []
         with self.lock:
-            # leave room for the running batch's next step, or the recomputed request would be preempted again at
-            # once, forever (the simulator's rule lacks this term; see the issue 4 notes)
-            growth = sum(max(0, blocks_for(len(s.seq.token_ids), bs) - len(s.seq.block_table)) for s in self.running)
             while self.preempted and len(self.running) + len(batch) < self.spec.max_batch_size:
                 s = self.preempted[0]
-                if blocks_for(s.context + 1, bs) + growth > alloc.num_free_blocks:
+                if not self._headroom(blocks_for(s.context + 2, bs)):
                     break
                 self.preempted.popleft()
                 self.runner.reserve([s.seq], [s.context + 1])
