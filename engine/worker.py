@@ -142,6 +142,9 @@ def build_worker(spec: WorkerSpec, secret: bytes) -> WorkerBase:
     runner = ModelRunner.from_folder(spec.model_dir, spec.num_blocks, spec.block_size, device=spec.device,
                                      dtype=spec.dtype)
     _warm_up(runner)
+    from engine.step_trace import install
+
+    install(runner, spec.name)
     if spec.role == "prefill":
         from engine.prefill_worker import PrefillWorker
         return PrefillWorker(spec, runner, secret)

@@ -47,13 +47,16 @@ def summary(report: ValidationReport, max_error: float) -> dict:
 
 def table(report: ValidationReport) -> Table:
     t = Table(title="simulator error vs the real engine: (sim - real) / real")
-    for col in ("topology", "load", "req/s", "run", *KEYS, "real TTFT p50 ms", "real TPOT p50 ms"):
+    for col in ("topology", "load", "req/s", "run", *KEYS, "real TTFT p50 ms", "real TPOT p50 ms",
+                "step err prefill", "step err decode"):
         t.add_column(col, justify="right")
     for r in report.runs:
         e = r.errors["errors"]
         t.add_row(r.topology, f"{r.load:.0%}", f"{r.rate_rps:.2f}", str(r.repeat + 1),
                   *(f"{e[k]:+.1%}" if not math.isnan(e[k]) else "-" for k in KEYS),
-                  f"{r.errors['real']['ttft_p50'] * 1e3:.1f}", f"{r.errors['real']['tpot_p50'] * 1e3:.2f}")
+                  f"{r.errors['real']['ttft_p50'] * 1e3:.1f}", f"{r.errors['real']['tpot_p50'] * 1e3:.2f}",
+                  *(f"{r.errors['service'][k]['median']:+.1%}" if r.errors.get("service", {}).get(k, {}).get("steps")
+                    else "-" for k in ("prefill", "decode")))
     return t
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -82,12 +83,48 @@ class ValidationReport:
     config: dict = field(default_factory=dict)
 
 
-def _run_real(model: str, topo: Topology, workload: Workload, transport: str, seed: int) -> pa.Table:
+def _run_real(model: str, topo: Topology, workload: Workload, transport: str, seed: int,
+              trace_dir: Path | None = None) -> pa.Table:
+    """One real run; with ``trace_dir`` the workers log every model step there (`engine.step_trace`)."""
+    import os
+
     from engine.cluster import Cluster
     from engine.loadgen import run_load
+    from engine.step_trace import TRACE_ENV
 
-    with Cluster(model, topo, transport=transport, seed=seed) as c:
-        return run_load(c.url, workload, seed=seed)
+    old = os.environ.pop(TRACE_ENV, None)
+    if trace_dir is not None:
+        os.environ[TRACE_ENV] = str(trace_dir)
+    try:
+        with Cluster(model, topo, transport=transport, seed=seed) as c:
+            return run_load(c.url, workload, seed=seed)
+    finally:
+        os.environ.pop(TRACE_ENV, None)
+        if old is not None:
+            os.environ[TRACE_ENV] = old
+
+
+def service_error(trace_dir: Path, profile: CostProfile) -> dict:
+    """How the engine's own model steps compare with the profile's prediction for the same shapes, per step kind:
+    median and mean of (predicted - measured) / measured, and the steps' count. This separates service-time error
+    (the profile under this load) from queueing and scheduling error (the simulator's model)."""
+    import json
+
+    rows: dict[str, list[float]] = {"prefill": [], "decode": []}
+    for f in sorted(Path(trace_dir).glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            st = json.loads(line)
+            measured = st["t1"] - st["t0"]
+            if st["k"] == "prefill":
+                pred = profile.prefill_s(st["n"], st["c"])
+            else:
+                ctx = [c + 1 for c in st["c"]]
+                term = sum(ctx) if profile.decode_context == "sum" else len(ctx) * max(ctx)
+                pred = profile.decode_step_s(len(ctx), term)
+            if measured > 0:
+                rows[st["k"]].append((pred - measured) / measured)
+    return {k: {"steps": len(v), "median": float(np.median(v)) if v else math.nan,
+                "mean": float(np.mean(v)) if v else math.nan} for k, v in rows.items()}
 
 
 def _replay(real: pa.Table, workload: Workload) -> Workload:
@@ -160,7 +197,10 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
             w = scaled_workload(workload, spec, num_requests, rate, seed, length_scale)
             for k in range(repeat):
                 say(f"{label} at {load:.0%} ({rate:.2f} req/s), run {k + 1}/{repeat}: engine")
-                real = _run_real(model, topo, w, transport, seed)
+                with tempfile.TemporaryDirectory(prefix="disagg-steps-") as trace_dir:
+                    real = _run_real(model, topo, w, transport, seed, Path(trace_dir))
+                    service = service_error(Path(trace_dir), prof)
                 sim = simulate(topo, _replay(real, w), prof, model=spec, seed=seed).records
-                report.runs.append(RunResult(label, load, rate, k, real, sim, compare(real, sim)))
+                errors = {**compare(real, sim), "service": service}
+                report.runs.append(RunResult(label, load, rate, k, real, sim, errors))
     return report
