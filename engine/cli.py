@@ -68,6 +68,10 @@ def register(app: typer.Typer) -> None:
         records: Path | None = typer.Option(None, help="Write the server-side records (Parquet) here on exit."),
         log_dir: Path | None = typer.Option(None, help="Keep the processes' logs here."),
         verify_kv: bool = typer.Option(False, help="SHA-256 every KV transfer on both sides."),
+        backend: str = typer.Option("builtin", help="builtin (disagg's engine) or vllm (vLLM servers from "
+                                    ".venv-vllm; NIXL for P/D)."),
+        vllm_kv_gib: int = typer.Option(1, help="vllm backend: KV cache per instance, GiB (VLLM_CPU_KVCACHE_SPACE)."),
+        vllm_eager: bool = typer.Option(True, "--vllm-eager/--vllm-compile", help="vllm backend: enforce_eager."),
     ) -> None:
         """Start a router and its prefill/decode (or colocated) workers; Ctrl-C stops everything."""
         import signal
@@ -75,6 +79,18 @@ def register(app: typer.Typer) -> None:
 
         from disagg_cli.main import console, fail
         from engine.cluster import Cluster, ClusterError
+
+        if backend == "vllm":  # vLLM backend hook: engine/vllm_backend/serve.py
+            from engine.vllm_backend.serve import serve_vllm
+            try:
+                topo = parse_topology(topology, router, kv_capacity_tokens=kv_tokens, max_batch_size=max_batch_size,
+                                      max_batch_tokens=max_batch_tokens)
+            except ValueError as e:
+                fail(str(e))
+            serve_vllm(model, topo, host, port, records, log_dir, threads, vllm_kv_gib, vllm_eager)
+            return
+        if backend != "builtin":
+            fail(f"--backend must be builtin or vllm, got {backend!r}")
 
         if transport not in ("shm", "tcp", "cuda"):
             fail(f"--transport must be shm, tcp or cuda, got {transport!r}")
