@@ -1,6 +1,7 @@
 """Runs the planner's simulations: per-instance rate ladders (the screen), then whole-cluster goodput bisections
 (the verification of the finalists), spread over worker processes. Jobs, answers and the base workload cross
-process boundaries as JSON text; workers are spawned, never forked from a threaded caller."""
+process boundaries as JSON lines over pipes to `sim.plan_worker` subprocesses (nothing pickled, never forked from a
+threaded caller, the caller's ``__main__`` never re-imported)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+import selectors
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ from sim.topology import PoolSpec, Topology
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int, str], None]
+_ROOT = Path(__file__).resolve().parent.parent
 _HUGE = 1 << 40
 _NULL = constant_profile(1e-7, 1e-7, name="null")  # the other side of a one-pool ladder: (almost) free
 
@@ -56,7 +60,7 @@ class Runner:
         self.longest = int((self.lens.prompt + self.lens.output).max())
         plan_search.set_base_workload(self.base_doc)
         self.workers = max(1, workers or _cpus())
-        self._pool: ProcessPoolExecutor | None = None
+        self._procs: list[subprocess.Popen] = []
         self.sims = self.hits = self.requests = 0
         self.skipped: list[str] = []
         self.curves: dict[tuple, Curve] = {}
@@ -119,25 +123,36 @@ class Runner:
                 "profiles": {r: p.to_dict() for r, p in profs.items()}, "unit_factor": g, **kw}
 
     # --- running ----------------------------------------------------------------------------------------------
-    def _executor(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            import multiprocessing as mp
-
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                             initializer=plan_search.set_base_workload, initargs=(self.base_doc,))
-        return self._pool
+    def _workers(self, n: int) -> list[subprocess.Popen]:
+        """Start (once) up to ``n`` worker processes, each told the base workload."""
+        while len(self._procs) < n:
+            p = subprocess.Popen([sys.executable, "-m", "sim.plan_worker"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, bufsize=1, cwd=str(_ROOT))
+            assert p.stdin is not None
+            p.stdin.write(self.base_doc + "\n")
+            self._procs.append(p)
+        return self._procs[:n]
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
+        for p in self._procs:
+            if p.stdin:
+                p.stdin.close()
+        for p in self._procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self._procs = []
 
     def _run(self, jobs: list[tuple[object, dict]], progress: Progress | None, what: str) -> dict[object, dict]:
-        """Run jobs (key, job) and return {key: answer}; inline when one worker or few jobs."""
+        """Run jobs (key, job) and return {key: answer}: inline when one worker or few jobs, else over worker
+        processes, each fed its next job as soon as it answers."""
         out: dict[object, dict] = {}
 
         def done(key: object, answer: str) -> None:
             res = json.loads(answer)
+            if "error" in res:
+                raise RuntimeError(f"planner worker failed:\n{res['error']}")
             self.sims += res["sims"]
             self.hits += res["hits"]
             self.requests += res["simulated_requests"]
@@ -149,10 +164,31 @@ class Runner:
             for key, job in jobs:
                 done(key, plan_search.search(json.dumps(job)))
             return out
-        pool = self._executor()
-        futs: dict[Future, object] = {pool.submit(plan_search.search, json.dumps(j)): k for k, j in jobs}
-        for f in as_completed(futs):
-            done(futs[f], f.result())
+        todo = list(jobs)
+        busy: dict[int, object] = {}
+        sel = selectors.DefaultSelector()
+        try:
+            for p in self._workers(min(self.workers, len(jobs))):
+                key, job = todo.pop(0)
+                p.stdin.write(json.dumps(job) + "\n")  # type: ignore[union-attr]
+                busy[p.pid] = key
+                sel.register(p.stdout, selectors.EVENT_READ, p)  # type: ignore[arg-type]
+            while busy:
+                for ev, _ in sel.select():
+                    p = ev.data
+                    line = p.stdout.readline()
+                    if not line:
+                        raise RuntimeError(f"planner worker {p.pid} exited (code {p.poll()})")
+                    done(busy.pop(p.pid), line)
+                    if todo:
+                        key, job = todo.pop(0)
+                        p.stdin.write(json.dumps(job) + "\n")
+                        busy[p.pid] = key
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            sel.close()
         return out
 
     def screen(self, cands: Sequence[Topology], progress: Progress | None = None) -> list[dict]:

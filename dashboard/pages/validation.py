@@ -1,0 +1,65 @@
+"""Validation: simulated vs real latencies from a ``disagg validate`` report folder (summary.json + joined.parquet
+with sim_/real_ columns per request)."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from dashboard.common import ROOT, load, no_data
+
+st.title("Validation: simulator vs real")
+found = sorted({p.parent for p in (ROOT / "out").glob("**/summary.json") if (p.parent / "joined.parquet").is_file()}) \
+    if (ROOT / "out").is_dir() else []
+with st.sidebar:
+    pick = st.selectbox("Report folder", ["(none)"] + [str(p) for p in found], key="val_pick")
+    typed = st.text_input("…or a report folder path", key="val_path").strip()
+
+
+def read(d: Path) -> tuple[dict, pd.DataFrame | None]:
+    from validate.report import load_report
+
+    s, j = load_report(d)
+    return s, (j.to_pandas() if j is not None else None)
+
+
+folder = Path(typed).expanduser() if typed else (Path(pick) if not pick.startswith("(") else None)
+if folder is None:
+    no_data("validate report", "disagg validate")
+    st.stop()
+summary, joined = load("validate report", lambda: read(folder))
+verdict = summary.get("passed", summary.get("pass"))
+st.caption(f"{folder} · verdict: {verdict if verdict is not None else '?'}")
+runs = pd.DataFrame(summary.get("runs", []))
+if len(runs):
+    st.dataframe(runs.drop(columns=[c for c in runs.columns if isinstance(runs[c].iloc[0], dict)]), hide_index=True)
+if joined is None or not len(joined):
+    st.info("The report has no joined.parquet (no runs finished).")
+    st.stop()
+
+
+def metric(prefix: str, name: str) -> pd.Series:
+    d = joined
+    if name == "ttft":
+        return d[f"{prefix}first_token_s"] - d[f"{prefix}arrival_s"]
+    return (d[f"{prefix}last_token_s"] - d[f"{prefix}first_token_s"]) / (d[f"{prefix}output_tokens"] - 1).clip(lower=1)
+
+
+need = [f"{p}{c}" for p in ("sim_", "real_") for c in ("arrival_s", "first_token_s", "last_token_s", "output_tokens")]
+missing = [c for c in need if c not in joined.columns]
+if missing:
+    st.error(f"joined.parquet lacks columns {missing}: not a disagg validate report")
+    st.stop()
+c1, c2 = st.columns(2)
+for col, name in ((c1, "ttft"), (c2, "tpot")):
+    parts = []
+    for src in ("sim", "real"):
+        x = np.sort(metric(f"{src}_", name).dropna().to_numpy())
+        parts.append(pd.DataFrame({"seconds": x, "fraction": np.linspace(0, 1, len(x)), "source": src}))
+    col.plotly_chart(px.line(pd.concat(parts), x="seconds", y="fraction", color="source",
+                             title=f"{name.upper()} CDF: simulated vs real"), use_container_width=True)
+    col.plotly_chart(px.scatter(x=metric("real_", name), y=metric("sim_", name), opacity=0.4,
+                                labels={"x": f"real {name} (s)", "y": f"simulated {name} (s)"},
+                                title=f"{name.upper()} per request"), use_container_width=True)
