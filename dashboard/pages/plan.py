@@ -41,7 +41,7 @@ if st.session_state.get("plan_key") != key:
 res = st.session_state["plan_result"]
 rec, stats = res.recommendation, res.stats
 if rec["name"]:
-    st.success(f"**Recommendation: {rec['name']}** — {rec['reason']}", icon="✅")
+    st.success(f"**Recommendation: {rec['name']}** — {rec['reason']}")
     c = st.columns(4)
     c[0].metric("Goodput", f"{rec['goodput_rps']:.1f} req/s")
     c[1].metric("Per GPU", f"{rec['goodput_rps_per_gpu']:.2f} req/s")
