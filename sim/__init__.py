@@ -18,10 +18,32 @@ from sim.records import RequestRecord, records_to_table, table_to_records
 from sim.request import RequestSpec, Workload
 from sim.topology import PoolSpec, Topology
 
-__all__ = ["CostProfile", "constant_profile", "roofline_profile", "HARDWARE", "LINKS", "HardwareSpec", "LinkSpec",
-           "SLO", "summarize", "PRESETS", "ModelSpec", "from_hf_config", "get_model", "RequestRecord",
-           "records_to_table", "table_to_records", "RequestSpec", "Workload", "PoolSpec", "Topology", "simulate",
-           "SimResult", "plan", "PlanResult"]
+__all__ = [
+    "HARDWARE",
+    "LINKS",
+    "PRESETS",
+    "SLO",
+    "CostProfile",
+    "HardwareSpec",
+    "LinkSpec",
+    "ModelSpec",
+    "PlanResult",
+    "PoolSpec",
+    "RequestRecord",
+    "RequestSpec",
+    "SimResult",
+    "Topology",
+    "Workload",
+    "constant_profile",
+    "from_hf_config",
+    "get_model",
+    "plan",
+    "records_to_table",
+    "roofline_profile",
+    "simulate",
+    "summarize",
+    "table_to_records",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -234,7 +234,7 @@ def roofline_profile(model: ModelSpec, hw: HardwareSpec, tp: int = 1,
     That max is exactly two linear pieces in batch, split at the ridge batch. TP divides FLOPs and bytes by tp and adds
     two ring all-reduces per layer of (tokens x hidden x dtype) bytes over NVLink.
     """
-    if tp < 1 or model.heads % tp and tp > model.heads:
+    if tp < 1 or (model.heads % tp and tp > model.heads):
         raise ValueError(f"tp={tp} does not divide {model.name}'s {model.heads} heads")
     flops_pre = hw.bf16_flops * tp * factors.prefill_mfu
     flops_dec = hw.bf16_flops * tp * factors.decode_mfu

@@ -149,7 +149,7 @@ class DecodeInstance:
         self._poke()
 
     # --- the instance's loop -----------------------------------------------------------------------------------------
-    def run(self):  # noqa: ANN201 - a SimPy process
+    def run(self):
         env, batch = self.ctx.env, self.batch
         while True:
             if self.preempted and (yield from self._recompute()):
@@ -173,7 +173,7 @@ class DecodeInstance:
         if finished and self.incoming:
             self._start_transfers()
 
-    def _recompute(self):  # noqa: ANN202
+    def _recompute(self):
         bs, batch = self.block_size, []
         while self.preempted and self.batch.size + len(batch) < self.pool.max_batch_size:
             need = blocks_for(self.preempted[0].context + 1, bs)
@@ -193,7 +193,7 @@ class DecodeInstance:
             self._start_transfers()
         return True
 
-    def _prefill_batch(self):  # noqa: ANN202
+    def _prefill_batch(self):
         env, pool, bs = self.ctx.env, self.pool, self.block_size
         batch, tokens = [], 0
         while self.prefill_q and self.batch.size + len(batch) < pool.max_batch_size:
@@ -226,7 +226,7 @@ class DecodeInstance:
         else:
             self._join(s)
 
-    def _mixed_iteration(self):  # noqa: ANN202
+    def _mixed_iteration(self):
         env, pool, bs, batch = self.ctx.env, self.pool, self.block_size, self.batch
         while batch.size and self.reserved + batch.blocks_at(batch.g + 1) > self.kv_capacity:
             self._preempt_one()
@@ -265,7 +265,7 @@ class DecodeInstance:
                 self._prefilled(s, env.now)
         return True
 
-    def _decode_segment(self):  # noqa: ANN202
+    def _decode_segment(self):
         env, batch = self.ctx.env, self.batch
         size = batch.size
         k_fin = batch.steps_to_next_finish()

@@ -6,7 +6,7 @@ from __future__ import annotations
 class BlockPool:
     """``capacity`` blocks of ``block_size`` tokens. Every take is matched by a give; the pool asserts conservation."""
 
-    __slots__ = ("capacity", "block_size", "used", "peak")
+    __slots__ = ("block_size", "capacity", "peak", "used")
 
     def __init__(self, capacity_blocks: int, block_size: int):
         if capacity_blocks < 1:

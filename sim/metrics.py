@@ -77,7 +77,7 @@ def _pcts(x: np.ndarray) -> dict[str, float]:
     if x.size == 0:
         return {"mean": float("nan"), **{f"p{p}": float("nan") for p in PERCENTILES}}
     vals = np.percentile(x, PERCENTILES)
-    return {"mean": float(x.mean()), **{f"p{p}": float(v) for p, v in zip(PERCENTILES, vals)}}
+    return {"mean": float(x.mean()), **{f"p{p}": float(v) for p, v in zip(PERCENTILES, vals, strict=False)}}
 
 
 def slo_met(records: pa.Table, slo: SLO) -> np.ndarray:

@@ -167,7 +167,7 @@ def _devices(hardware: str | Sequence[str] | None, profiles: object, tps: Sequen
                     table[(hw, tp)] = roofline_profile(model, get_hardware(hw), tp)
         elif has_profile:
             key[hw] = None  # memory comes from the profile
-            for (h, tp), p in table.items():
+            for (h, _tp), p in table.items():
                 if h == hw and not p.memory_bytes:
                     raise ValueError(f"profile {p.name!r} for {hw!r} has no memory_bytes: the planner cannot size "
                                      "its KV cache")
@@ -190,7 +190,7 @@ def plan(model: str | ModelSpec = "llama-3.1-8b", hardware: str | Sequence[str] 
          topologies: Sequence[Topology] | None = None, verify_top: int = 3, refine_routers: Sequence[str] = (
              "least_outstanding",), sim_seconds: float = 20.0, min_requests: int = 200, warmup_frac: float = 0.2,
          prefix_frac: float = 0.4, rank_by: str = "goodput_per_gpu", workers: int | None = None,
-         cache_dir: str | Path | None | bool = True, seed: int = 0, progress: Progress | None = None) -> PlanResult:
+         cache_dir: str | Path | bool | None = True, seed: int = 0, progress: Progress | None = None) -> PlanResult:
     """Search topologies within ``gpu_budget`` GPUs for the best goodput per GPU (or cost) under ``slo``.
 
     Two stages. Screen: every candidate's goodput is composed from simulated one-instance rate ladders

@@ -102,7 +102,7 @@ def _row(r: dict, target: float | None, price: Mapping[str, float], mean_output:
 
 def _dominated(a: Sequence[float], b: Sequence[float]) -> bool:
     """b dominates a: no worse everywhere (all minimised) and better somewhere."""
-    return all(y <= x for x, y in zip(a, b)) and any(y < x for x, y in zip(a, b))
+    return all(y <= x for x, y in zip(a, b, strict=False)) and any(y < x for x, y in zip(a, b, strict=False))
 
 
 def _pareto(rows: list[dict], key: Callable[[dict], Sequence[float]], flag: str) -> None:

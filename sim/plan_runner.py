@@ -9,10 +9,10 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
 import selectors
 import subprocess
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np

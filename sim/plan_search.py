@@ -54,7 +54,7 @@ def grid_rate(k: int) -> float:
 
 
 def grid_index(rate: float) -> int:
-    return int(math.floor(STEPS_PER_OCTAVE * math.log2(rate)))
+    return math.floor(STEPS_PER_OCTAVE * math.log2(rate))
 
 
 def code_version() -> str:
@@ -124,7 +124,7 @@ def thinned_workload(base: str, rate: float, n: int, g: int, take: int | None = 
     scale = ((total - 1) / rate) / span if span > 0 else 0.0
     idx = np.arange(0, total, g)[: take or n]
     t = (a[idx] - a[0]) * scale
-    reqs = tuple(RequestSpec(int(i), float(ti), int(prompt[i]), int(output[i])) for i, ti in zip(idx, t))
+    reqs = tuple(RequestSpec(int(i), float(ti), int(prompt[i]), int(output[i])) for i, ti in zip(idx, t, strict=False))
     return Workload(reqs, f"{b['name']}@{rate:.3g}rps/{g}")
 
 
@@ -267,9 +267,9 @@ class Evaluator:
     def passes(self, rate: float) -> bool:
         """Whether the topology meets the SLO attainment at ``rate``; prefix first, full run only when it might."""
         k = self._prefix(rate)
-        if k and not self.cache.has(rate, self.requests(rate)):
-            if not self.point(rate, self.run(rate, k), full=False)["passes"]:
-                return False
+        if k and not self.cache.has(rate, self.requests(rate)) and \
+                not self.point(rate, self.run(rate, k), full=False)["passes"]:
+            return False
         return self.point(rate, self.run(rate), full=True)["passes"]
 
     def cached_outcomes(self) -> dict[int, bool]:
@@ -285,9 +285,9 @@ class Evaluator:
                 continue  # a target-rate run, not a grid point
             if int(n_s) == self.requests(rate):
                 out[k] = self.point(rate, self.run(rate), full=True)["passes"]
-            elif int(n_s) == self._prefix(rate) and k not in out:
-                if not self.point(rate, self.run(rate, int(n_s)), full=False)["passes"]:
-                    out[k] = False
+            elif int(n_s) == self._prefix(rate) and k not in out and \
+                    not self.point(rate, self.run(rate, int(n_s)), full=False)["passes"]:
+                out[k] = False
         return out
 
 

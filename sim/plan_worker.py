@@ -22,7 +22,7 @@ def main() -> None:
     for line in sys.stdin:
         try:
             answer = plan_search.search(line)
-        except Exception:  # noqa: BLE001 — reported to the parent, which raises it there
+        except Exception:
             answer = json.dumps({"error": traceback.format_exc()})
         sys.stdout.write(answer + "\n")
         sys.stdout.flush()

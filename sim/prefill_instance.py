@@ -15,9 +15,9 @@ from sim.kv_blocks import BlockPool
 from sim.running_batch import SimSeq, blocks_for
 
 if TYPE_CHECKING:
+    from sim.cost_profile import CostProfile
     from sim.simulator import SimContext
     from sim.topology import PoolSpec
-    from sim.cost_profile import CostProfile
 
 
 class PrefillInstance:
@@ -59,7 +59,7 @@ class PrefillInstance:
         if self._freed is not None and not self._freed.triggered:
             self._freed.succeed()
 
-    def run(self):  # noqa: ANN201 - a SimPy process
+    def run(self):
         env, pool, bs = self.ctx.env, self.pool, self.blocks.block_size
         while True:
             head = yield self.queue.get()

@@ -74,4 +74,4 @@ def table_to_records(table: pa.Table) -> list[RequestRecord]:
     """The inverse of `records_to_table`; missing optional columns take their defaults."""
     names = [n for n in RECORD_FIELDS if n in table.column_names]
     cols = [table.column(n).to_pylist() for n in names]
-    return [RequestRecord(**dict(zip(names, row))) for row in zip(*cols)]
+    return [RequestRecord(**dict(zip(names, row, strict=False))) for row in zip(*cols, strict=False)]

@@ -69,8 +69,8 @@ class SimContext:
             self._ts.append((now, name, queue, batch, inst.kv_used, inst.kv_capacity))  # type: ignore[attr-defined]
 
     def timeseries(self) -> pa.Table:
-        cols = list(zip(*self._ts)) if self._ts else [[] for _ in TIMESERIES_SCHEMA]
-        return pa.table({f.name: pa.array(list(c), f.type) for f, c in zip(TIMESERIES_SCHEMA, cols)},
+        cols = list(zip(*self._ts, strict=False)) if self._ts else [[] for _ in TIMESERIES_SCHEMA]
+        return pa.table({f.name: pa.array(list(c), f.type) for f, c in zip(TIMESERIES_SCHEMA, cols, strict=False)},
                         schema=TIMESERIES_SCHEMA)
 
 
@@ -133,7 +133,7 @@ def simulate(topology: Topology, workload: Workload, profile: CostProfile | Mapp
     # the longest request any instance can hold to its end (whole blocks, plus room for the last token)
     limit_tokens = min(caps[p.role] // p.block_size_tokens * p.block_size_tokens for p in topology.pools) - 1
 
-    def arrivals():  # noqa: ANN202
+    def arrivals():
         for order, spec in enumerate(workload.requests):
             if spec.arrival_s > env.now:
                 yield env.timeout(spec.arrival_s - env.now)
