@@ -70,6 +70,8 @@ def run(
     threads: int = typer.Option(1, help="torch threads on CPU (1 is fastest on a shared CPU)."),
     transport: list[str] | None = typer.Option(None, help="Transports to sweep (repeatable); 'none' for none; "
                                                "default: all the engine has."),
+    backend: str = typer.Option("builtin", help="builtin (disagg's model runner) or vllm (vLLM's per-iteration "
+                                "stats from one eager vLLM server, .venv-vllm)."),
 ) -> None:
     """Measure prefill/decode step times and KV-transfer bandwidth on this machine and fit a cost profile."""
     from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -78,6 +80,12 @@ def run(
     from calibrate.harness import run as run_calibration
     from calibrate.report import show
     from disagg_cli.main import console
+
+    if backend == "vllm":  # vLLM backend hook: calibrate/vllm_iterations.py
+        _run_vllm(model, budget_s, out, seed)
+        return
+    if backend != "builtin":
+        _fail(f"--backend must be builtin or vllm, got {backend!r}")
 
     kinds = None if not transport else [k for k in transport if k != "none"]
     name = Path(model).name if Path(model).exists() else model
@@ -110,6 +118,26 @@ def run(
             console.print(f"[bold red]warning:[/] {which} held-out MAPE above 10 %: the machine was too noisy or "
                           "the budget too small; rerun with a larger --budget-s")
     console.print(f"wrote {res.profile_path} and {res.samples_path}")
+
+
+def _run_vllm(model: str, budget_s: float, out: Path | None, seed: int) -> None:
+    from calibrate.vllm_iterations import calibrate_vllm
+    from disagg_cli.main import console
+    from engine.cluster import ClusterError
+
+    name = Path(model).name if Path(model).exists() else model
+    out = out or Path("profiles") / f"vllm-{name}-cpu-bf16.json"
+    try:
+        with console.status(f"vLLM calibration ({budget_s:.0f} s budget) ..."):
+            prof = calibrate_vllm(model, budget_s, rounds=50, seed=seed, out=out)
+    except (ClusterError, FileNotFoundError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    for which in ("prefill", "decode"):
+        f = prof.fit[which]
+        console.print(f"{which}: {f['formula']} — {f['samples']} samples, {f['fit_points']}+{f['heldout_points']} "
+                      f"points, held-out MAPE {_pct(f['heldout_mape'])} (max {_pct(f['heldout_max_err'])})")
+    console.print(f"prefill {prof.prefill}; decode {list(prof.decode)}", markup=False)
+    console.print(f"wrote {out}")
 
 
 @app.command()
