@@ -134,10 +134,10 @@ class HardwareCfg(_Strict):
 
 
 class SLOCfg(_Strict):
-    ttft_ms: float = Field(2000.0, gt=0)
-    tpot_ms: float = Field(100.0, gt=0)
-    percentile: float = Field(90.0, gt=0, le=100)
-    attainment: float = Field(0.9, gt=0, le=1)
+    ttft_ms: float = Field(default=2000.0, gt=0)
+    tpot_ms: float = Field(default=100.0, gt=0)
+    percentile: float = Field(default=90.0, gt=0, le=100)
+    attainment: float = Field(default=0.9, gt=0, le=1)
 
     def build(self) -> SLO:
         return SLO(self.ttft_ms / 1e3, self.tpot_ms / 1e3, self.percentile, self.attainment)

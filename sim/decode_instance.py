@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, cast
 
 import simpy
 
@@ -140,7 +141,7 @@ class DecodeInstance:
             self._reserve(s, need)
             s.rec.kv_transfer_start_s = env.now
             s.rec.kv_bytes = s.context * kvb
-            self.link.send(s.rec.kv_bytes, lambda s=s: self._arrived(s))  # type: ignore[union-attr]
+            cast("SharedLink", self.link).send(s.rec.kv_bytes, partial(self._arrived, s))  # set when disaggregated
 
     def _arrived(self, s: SimSeq) -> None:
         s.rec.kv_transfer_end_s = self.ctx.env.now

@@ -33,6 +33,7 @@ import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict, cast
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +52,16 @@ log = logging.getLogger(__name__)
 
 # MLPerf Inference Llama-3.1-8B interactive targets (TTFT 500 ms, TPOT 30 ms), here at p90 with 90 % attainment.
 DEFAULT_SLO = SLO(ttft_s=0.5, tpot_s=0.03, percentile=90.0, attainment=0.9)
+
+
+class _RankOpts(TypedDict):
+    """The keyword arguments `plan` passes to every `rank` call."""
+
+    price: dict[str, float]
+    mean_output: float
+    slo: SLO
+    multi_hw: bool
+    multi_link: bool
 
 
 def default_cache_dir() -> Path:
@@ -134,7 +145,8 @@ def _default_tps(model: ModelSpec, hw: str, longest: int) -> list[int]:
     return [8]
 
 
-def _devices(hardware: str | Sequence[str] | None, profiles: object, tps: Sequence[int] | None,
+def _devices(hardware: str | Sequence[str] | None,
+             profiles: CostProfile | Sequence[CostProfile] | Mapping[str, CostProfile] | None, tps: Sequence[int] | None,
              model: ModelSpec, base: Workload) -> tuple[list[str], dict[tuple[str, int], CostProfile],
                                                     dict[str, str | None]]:
     """Device names, a profile for each (device, TP) the search may use, and each device's PoolSpec.hardware value.
@@ -249,12 +261,13 @@ def plan(model: str | ModelSpec = "llama-3.1-8b", hardware: str | Sequence[str] 
                 "max_batch_sizes": list(max_batch_sizes), "sim_seconds": sim_seconds, "warmup_frac": warmup_frac,
                 "rank_by": rank_by, "seed": seed,
                 "profiles": {f"{hw}@tp{tp}": p.name for (hw, tp), p in sorted(table.items())}}
-    cache = None if cache_dir in (None, False) else (default_cache_dir() if cache_dir is True else cache_dir)
+    cache = None if cache_dir in (None, False) else (
+        default_cache_dir() if cache_dir is True else cast("str | Path", cache_dir))
     runner = Runner(spec, base, slo, table, sim_seconds, min_requests, warmup_frac, prefix_frac, target_rate_rps,
                     seed, cache, workers)
     mean_output = float(np.mean([r.output_tokens for r in base.requests]))
-    opts = {"price": price, "mean_output": mean_output, "slo": slo, "multi_hw": len(devices) > 1,
-            "multi_link": len(links) > 1}
+    opts: _RankOpts = {"price": price, "mean_output": mean_output, "slo": slo, "multi_hw": len(devices) > 1,
+                       "multi_link": len(links) > 1}
     try:
         results = runner.screen(cands, progress)
         screened = time.perf_counter()

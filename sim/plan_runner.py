@@ -12,8 +12,9 @@ import os
 import selectors
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -31,6 +32,11 @@ Progress = Callable[[int, int, str], None]
 _ROOT = Path(__file__).resolve().parent.parent
 _HUGE = 1 << 40
 _NULL = constant_profile(1e-7, 1e-7, name="null")  # the other side of a one-pool ladder: (almost) free
+_K = TypeVar("_K", bound=Hashable)
+# A one-instance ladder's key: (role, device, one-instance pool), plus the link for a decode ladder.
+CurveKey = tuple[str, str, PoolSpec] | tuple[str, str, PoolSpec, str]
+# (key, one-pool topology, profiles per role, metric, capacity) of one ladder.
+CurveSpec = tuple[CurveKey, Topology, dict[str, CostProfile], str, float]
 
 
 def _cpus() -> int:
@@ -63,8 +69,8 @@ class Runner:
         self._procs: list[subprocess.Popen] = []
         self.sims = self.hits = self.requests = 0
         self.skipped: list[str] = []
-        self.curves: dict[tuple, Curve] = {}
-        self.curve_points: dict[tuple, list[dict]] = {}
+        self.curves: dict[CurveKey, Curve] = {}
+        self.curve_points: dict[CurveKey, list[dict]] = {}
 
     # --- per-topology facts -----------------------------------------------------------------------------------
     def device(self, t: Topology, role: str) -> str:
@@ -95,9 +101,9 @@ class Runner:
     def _kv(self, pool: PoolSpec, prof: CostProfile) -> int:
         return pool.kv_capacity(self.model, prof.memory_bytes if pool.hardware is None else None)
 
-    def _curve_specs(self, t: Topology, profs: dict[str, CostProfile]) -> list[tuple[tuple, Topology, dict, str, float]]:
+    def _curve_specs(self, t: Topology, profs: dict[str, CostProfile]) -> list[CurveSpec]:
         """The one-instance ladders ``t`` is composed of: (key, topology, profiles, metric, capacity), one per pool."""
-        out = []
+        out: list[CurveSpec] = []
         if t.kind == "colocated":
             p, prof = t.pool("colocated"), profs["colocated"]
             p1 = PoolSpec(**{**p.__dict__, "instances": 1})
@@ -144,12 +150,12 @@ class Runner:
                 p.kill()
         self._procs = []
 
-    def _run(self, jobs: list[tuple[object, dict]], progress: Progress | None, what: str) -> dict[object, dict]:
+    def _run(self, jobs: Sequence[tuple[_K, dict]], progress: Progress | None, what: str) -> dict[_K, dict]:
         """Run jobs (key, job) and return {key: answer}: inline when one worker or few jobs, else over worker
         processes, each fed its next job as soon as it answers."""
-        out: dict[object, dict] = {}
+        out: dict[_K, dict] = {}
 
-        def done(key: object, answer: str) -> None:
+        def done(key: _K, answer: str) -> None:
             res = json.loads(answer)
             if "error" in res:
                 raise RuntimeError(f"planner worker failed:\n{res['error']}")
@@ -165,7 +171,7 @@ class Runner:
                 done(key, plan_search.search(json.dumps(job)))
             return out
         todo = list(jobs)
-        busy: dict[int, object] = {}
+        busy: dict[int, _K] = {}
         sel = selectors.DefaultSelector()
         try:
             for p in self._workers(min(self.workers, len(jobs))):
@@ -193,8 +199,8 @@ class Runner:
 
     def screen(self, cands: Sequence[Topology], progress: Progress | None = None) -> list[dict]:
         """Composed goodput of every candidate from simulated one-instance ladders; skipped ones are recorded."""
-        plans: list[tuple[Topology, dict, list]] = []
-        jobs: dict[tuple, dict] = {}
+        plans: list[tuple[Topology, dict[str, CostProfile], list[CurveSpec]]] = []
+        jobs: dict[CurveKey, dict] = {}
         for t in cands:
             profs = self.role_profiles(t)
             if isinstance(profs, str):

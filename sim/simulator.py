@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,7 +69,8 @@ class SimContext:
             self._ts.append((now, name, queue, batch, inst.kv_used, inst.kv_capacity))  # type: ignore[attr-defined]
 
     def timeseries(self) -> pa.Table:
-        cols = list(zip(*self._ts, strict=False)) if self._ts else [[] for _ in TIMESERIES_SCHEMA]
+        cols: Sequence[Sequence[object]] = list(zip(*self._ts, strict=False)) if self._ts else \
+            [[] for _ in TIMESERIES_SCHEMA]
         return pa.table({f.name: pa.array(list(c), f.type) for f, c in zip(TIMESERIES_SCHEMA, cols, strict=False)},
                         schema=TIMESERIES_SCHEMA)
 
