@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sim.hardware import HardwareSpec, LinkSpec
+from sim.jsonfile import read_json
 from sim.model_spec import ModelSpec
 
 FORMAT = "disagg.cost_profile"
@@ -202,11 +203,7 @@ class CostProfile:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such cost profile")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e})") from e
-        return cls.from_dict(d, where=str(p))
+        return cls.from_dict(read_json(p), where=str(p))
 
 
 def _json_default(o: object) -> object:

@@ -5,9 +5,10 @@ Sources: each preset's numbers are those of the model's Hugging Face ``config.js
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from sim.jsonfile import read_json
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1}
 
@@ -86,12 +87,7 @@ def from_hf_config(path: str | Path, name: str | None = None) -> ModelSpec:
         p = p / "config.json"
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such config.json")
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not valid JSON ({e})") from e
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{p}: expected a JSON object")
+    cfg = read_json(p, obj=True)
 
     def need(key: str) -> int:
         if key not in cfg:

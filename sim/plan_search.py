@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -291,6 +292,23 @@ class Evaluator:
         return out
 
 
+def _remembered(passes: Callable[[int], object], known: dict[int, bool]) -> Callable[[int], bool]:
+    """``passes`` as a bool, each outcome kept in ``known`` so that no grid index is run twice."""
+    def ok(k: int) -> bool:
+        if k not in known:
+            known[k] = bool(passes(k))
+        return known[k]
+    return ok
+
+
+def _bracket(known: Mapping[int, bool]) -> tuple[int | None, int | None]:
+    """(highest known pass below the lowest known fail, lowest known fail) from outcomes at hand; None for none."""
+    fails = [k for k, v in known.items() if not v]
+    hi = min(fails) if fails else None
+    below = [k for k, v in known.items() if v and (hi is None or k < hi)]
+    return (max(below) if below else None), hi
+
+
 def bisect_goodput(passes, k_start: int, k_min: int, k_max: int, known: dict[int, bool] | None = None,
                    step: int = 6) -> tuple[int | None, bool]:
     """Largest grid index k in [k_min, k_max] with ``passes(k)`` (assumed monotone: passing rates form a prefix).
@@ -300,16 +318,8 @@ def bisect_goodput(passes, k_start: int, k_min: int, k_max: int, known: dict[int
     when k_max itself passes).
     """
     known = dict(known or {})
-
-    def ok(k: int) -> bool:
-        if k not in known:
-            known[k] = bool(passes(k))
-        return known[k]
-
-    fails = [k for k, v in known.items() if not v]
-    hi = min(fails) if fails else None
-    below = [k for k, v in known.items() if v and (hi is None or k < hi)]
-    lo = max(below) if below else None
+    ok = _remembered(passes, known)
+    lo, hi = _bracket(known)
     if lo is None and hi is None:
         k_start = min(max(k_start, k_min), k_max)
         if ok(k_start):
@@ -348,15 +358,8 @@ def ladder(passes, k_start: int, k_cap: int, k_floor: int, known: dict[int, bool
     """Walk a rate ladder for one instance: from rung ``k_start`` (or the highest cached pass) up in ``step``s until
     a rung fails (or ``k_cap``), down in octaves while the first fails (to ``k_floor``), then one rung between the
     last pass and the first fail. Outcomes land in ``known``; rates past the first failure add nothing."""
-    def ok(k: int) -> bool:
-        if k not in known:
-            known[k] = bool(passes(k))
-        return known[k]
-
-    fails = [k for k, v in known.items() if not v]
-    hi = min(fails) if fails else None
-    below = [k for k, v in known.items() if v and (hi is None or k < hi)]
-    lo = max(below) if below else None
+    ok = _remembered(passes, known)
+    lo, hi = _bracket(known)
     if lo is None:
         k = min(k_start, hi - step) if hi is not None else k_start
         while k > k_floor and not ok(k):

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.table import Table
 
+from sim.jsonfile import read_json
 from validate.compare import join, worst_error
 from validate.runner import ValidationReport
 
@@ -131,10 +132,7 @@ def load_report(path: str | Path) -> tuple[dict, pa.Table | None]:
     f = d / "summary.json"
     if not f.is_file():
         raise FileNotFoundError(f"{d}: no summary.json — not a validate report folder (run `disagg validate --out {d}`)")
-    try:
-        s = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f}: not valid JSON ({e})") from e
+    s = read_json(f)
     if s.get("format") != "disagg.validate":
         raise ValueError(f"{f}: not a disagg validate summary")
     j = pq.read_table(d / "joined.parquet") if (d / "joined.parquet").is_file() else None

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.model.llama import Llama, LlamaConfig
+from sim.jsonfile import read_json
 from sim.model_spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -36,13 +37,7 @@ def read_config(folder: str | Path) -> LlamaConfig:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (not a Hugging Face model folder?)")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return LlamaConfig.from_hf(cfg, str(path))
+    return LlamaConfig.from_hf(read_json(path, obj=True), str(path))
 
 
 def hf_weight_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
