@@ -185,8 +185,9 @@ class DecodeInstance:
             batch.append(s)
         if not batch:
             return False
-        dur = self.profile.prefill_s([s.context for s in batch])
+        dur = self.profile.prefill_s([s.context for s in batch]) * self.ctx.begin_step()
         yield self.ctx.env.timeout(dur)
+        self.ctx.end_step()
         self.busy_s += dur
         for s in batch:
             self._join(s)
@@ -211,8 +212,9 @@ class DecodeInstance:
         if not batch:
             return False
         self.ctx.sample(self, len(self.prefill_q), self.batch.size + len(batch))
-        dur = self.profile.prefill_s([s.rec.prompt_tokens for s in batch])
+        dur = self.profile.prefill_s([s.rec.prompt_tokens for s in batch]) * self.ctx.begin_step()
         yield env.timeout(dur)
+        self.ctx.end_step()
         self.busy_s += dur
         for s in batch:
             self._prefilled(s, env.now)
@@ -253,8 +255,10 @@ class DecodeInstance:
         if batch.size:
             dur += (self.profile.decode_step_s(batch.size, batch.first_step_context(self.profile.decode_context))
                     - self.profile.step_overhead_s())
+        dur *= self.ctx.begin_step()
         t0 = env.now
         yield env.timeout(dur)
+        self.ctx.end_step()
         self.busy_s += dur
         if batch.size:
             self._after_segment(batch.advance(1, t0 + dur, dur, env.now), env.now)
@@ -276,6 +280,8 @@ class DecodeInstance:
             return
         s0 = batch.first_step_context(self.profile.decode_context)
         base, slope = self.profile.decode_linear(size)
+        stretch = self.ctx.begin_step()  # host CPU contention slows every step of the segment alike
+        base, slope = base * stretch, slope * stretch
         total = steps_time(k, base, slope, s0, size)
         t0 = env.now
         self.ctx.sample(self, len(self.ready) + len(self.prefill_q), size)
@@ -289,6 +295,7 @@ class DecodeInstance:
             if rest > 0:
                 yield env.timeout(rest)
         self._in_segment = False
+        self.ctx.end_step()
         dur = steps_time(done, base, slope, s0, size)
         self.busy_s += dur
         t_end = t0 + dur

@@ -85,8 +85,9 @@ class PrefillInstance:
             for s in batch:
                 s.rec.prefill_start_s = start
             self.ctx.sample(self, len(items), len(batch))
-            dur = self.profile.prefill_s([s.rec.prompt_tokens for s in batch])
+            dur = self.profile.prefill_s([s.rec.prompt_tokens for s in batch]) * self.ctx.begin_step()
             yield env.timeout(dur)
+            self.ctx.end_step()
             self.busy_s += dur
             end = env.now
             for s in batch:

@@ -28,7 +28,7 @@ from sim.records import RequestRecord, records_to_table
 from sim.request import Workload
 from sim.router import get_policy
 from sim.running_batch import SimSeq
-from sim.topology import PoolSpec, Topology
+from sim.topology import HostCPU, PoolSpec, Topology
 
 TIMESERIES_SCHEMA = pa.schema([("t_s", pa.float64()), ("instance", pa.string()), ("queue", pa.int64()),
                                ("batch", pa.int64()), ("kv_used_blocks", pa.int64()), ("kv_capacity_blocks", pa.int64())])
@@ -56,6 +56,19 @@ class SimContext:
         self._every = sample_every_s
         self._last_sample: dict[str, float] = {}
         self._ts: list[tuple] = []
+        self.host: HostCPU | None = None
+        self.busy = 0  # instances in a timed step right now
+
+    def begin_step(self) -> float:
+        """An instance starts a timed step: returns its slowdown from host CPU contention (`HostCPU`), 1 without one."""
+        self.busy += 1
+        host = self.host
+        if host is None:
+            return 1.0
+        return max(1.0, (self.busy + host.background_cpu) / host.cores)
+
+    def end_step(self) -> None:
+        self.busy -= 1
 
     def finish(self, s: SimSeq, t: float) -> None:
         s.rec.last_token_s = s.rec.finished_s = t
@@ -94,11 +107,12 @@ def _capacity(pool: PoolSpec, model: ModelSpec, prof: CostProfile) -> int:
 
 def simulate(topology: Topology, workload: Workload, profile: CostProfile | Mapping[str, CostProfile],
              model: ModelSpec | None = None, slo: SLO | None = None, seed: int = 0,
-             sample_every_s: float | None = None) -> SimResult:
+             sample_every_s: float | None = None, host: HostCPU | None = None) -> SimResult:
     """Simulate ``workload`` on ``topology`` with step costs from ``profile`` (one, or one per pool role).
 
     ``model`` defaults to the profile's model. ``sample_every_s`` bounds the time-series density (default: about
-    2,000 samples per instance over the workload). Deterministic: same inputs and seed give identical records.
+    2,000 samples per instance over the workload). ``host``: instances share that many CPU cores (`HostCPU`).
+    Deterministic: same inputs and seed give identical records.
     """
     started = time.perf_counter()
     profiles = {p.role: _profile_for(profile, p.role) for p in topology.pools}
@@ -109,6 +123,7 @@ def simulate(topology: Topology, workload: Workload, profile: CostProfile | Mapp
         sample_every_s = max(workload.duration_s, 1.0) / 2000
     env = simpy.Environment()
     ctx = SimContext(env, model, sample_every_s)
+    ctx.host = host
     rng = np.random.default_rng(seed)
 
     pools: dict[str, list] = {}

@@ -146,3 +146,23 @@ class Topology:
 
     def with_pool(self, role: str, **changes: object) -> Topology:
         return replace(self, pools=tuple(replace(p, **changes) if p.role == role else p for p in self.pools), name="")  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class HostCPU:
+    """Instances that share one host's CPU cores (e.g. disagg's CPU engine: every worker on one 2-core machine).
+
+    Contention model: when an instance starts a step (a prefill batch, a mixed iteration or a decode segment), it
+    counts the instances busy at that moment, itself included, adds ``background_cpu`` (cores' worth of other work on
+    the host: the router, the load generator, other jobs), and if that exceeds ``cores`` the step runs
+    ``(busy + background_cpu) / cores`` times slower (processor sharing). The factor is fixed for the step: busy-state
+    changes in the middle of a decode segment are not seen (an approximation; segments are short).
+    """
+
+    cores: int
+    background_cpu: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.cores < 1 or self.background_cpu < 0:
+            raise ValueError(f"HostCPU needs cores >= 1 and background_cpu >= 0, got {self.cores}, {self.background_cpu}")
+

@@ -130,3 +130,15 @@ def test_decode_context_sum_vs_padded(mode, end):
     recs = run(Topology.colocated(1, kv_capacity_tokens=1000), [0.0, 0.0], [10, 20], [3, 3], prof)
     # contexts 11 and 21 on the first step: sum 32, padded 2 x 21 = 42; each grows by 2 per step
     assert recs[0]["finished_s"] == approx(end) and recs[1]["finished_s"] == approx(end)
+
+
+def test_host_cpu_contention_stretches_overlapping_steps():
+    from sim.topology import HostCPU
+
+    topo = Topology.colocated(2, kv_capacity_tokens=1000, max_batch_size=1)
+    w = Workload.from_lists([0.0, 0.0], [10, 10], [1, 1])
+    alone = simulate(topo, w, PROFILE, model=TINY, host=HostCPU(cores=2)).records.to_pylist()
+    assert [r["finished_s"] for r in alone] == [1.0, 1.0]  # two busy instances on two cores: no slowdown
+    loaded = simulate(topo, w, PROFILE, model=TINY, host=HostCPU(cores=2, background_cpu=1.0)).records.to_pylist()
+    # the first to start sees 1 busy + 1 background = 2 cores' worth (no slowdown), the second 2 + 1 over 2 cores
+    assert sorted(r["finished_s"] for r in loaded) == [approx(1.0), approx(1.5)]

@@ -21,9 +21,13 @@ def register(app: typer.Typer) -> None:
         repeat: int = typer.Option(1, help="Real runs per point, to show the real system's own spread."),
         length_scale: float | None = typer.Option(None, help="Scale trace lengths by this (default: fit context)."),
         burst: int = typer.Option(32, help="Requests in each capacity ramp."),
+        host_contention: bool = typer.Option(True, help="Model the workers sharing this host's CPU cores, with the "
+                                             "background CPU measured during each run."),
         max_error: float = typer.Option(0.10, help="Exit 1 when a p50 TTFT / p50 TPOT / throughput error exceeds it."),
         seed: int = typer.Option(0),
         out: Path = typer.Option(Path("out/validate"), "--out", "-o"),
+        backend: str = typer.Option("builtin", help="builtin (disagg's engine) or vllm (vLLM servers, NIXL P/D; "
+                                    "uses the first --loads value and also measures built-in vs vLLM throughput)."),
     ) -> None:
         """Calibrate, measure capacity, run the engine at each load, simulate the same requests, report the error."""
         from rich.console import Console
@@ -33,6 +37,12 @@ def register(app: typer.Typer) -> None:
         from validate.runner import ValidateError, validate
 
         console = Console(width=170)
+        if backend == "vllm":  # vLLM backend hook: validate/vllm_runner.py
+            _validate_vllm(console, model, topologies, loads, workload, num_requests, profile, budget_s, burst,
+                           length_scale, max_error, seed, out)
+            return
+        if backend != "builtin":
+            fail(f"--backend must be builtin or vllm, got {backend!r}")
         try:
             loads_f = tuple(float(x) for x in loads.split(",") if x.strip())
         except ValueError:
@@ -42,7 +52,7 @@ def register(app: typer.Typer) -> None:
                 report = validate(model=model, topologies=tuple(t for t in topologies.split(",") if t.strip()),
                                   loads=loads_f, workload=workload, num_requests=num_requests, profile=profile,
                                   calibrate_budget_s=budget_s, repeat=repeat, seed=seed, length_scale=length_scale,
-                                  burst=burst, progress=lambda msg: status.update(f"validate: {msg}"))
+                                  burst=burst, host_contention=host_contention, progress=lambda msg: status.update(f"validate: {msg}"))
         except (ValidateError, FileNotFoundError, ValueError) as e:
             fail(str(e))
         s = write(report, out, max_error=max_error)
@@ -54,3 +64,36 @@ def register(app: typer.Typer) -> None:
                       f"{s['worst_error']:.1%} (limit {max_error:.0%})")
         if not s["passed"]:
             raise typer.Exit(1)
+
+
+def _validate_vllm(console, model, topologies, loads, workload, num_requests, profile, budget_s, burst, length_scale,
+                   max_error, seed, out: Path) -> None:
+    import json
+
+    from disagg_cli.main import fail
+    from engine.cluster import ClusterError
+    from validate.report import table, write
+    from validate.runner import ValidateError
+    from validate.vllm_runner import validate_vllm
+
+    try:
+        load = float(loads.split(",")[0])
+        with console.status("validating vLLM") as status:
+            report, thr = validate_vllm(model, tuple(t for t in topologies.split(",") if t.strip()), load, workload,
+                                        num_requests, profile, budget_s, seed, burst, length_scale,
+                                        progress=lambda msg: status.update(f"validate vllm: {msg}"),
+                                        log_dir=out / "logs")
+    except (ValidateError, ClusterError, FileNotFoundError, ValueError, RuntimeError) as e:
+        fail(str(e))
+    s = write(report, out, max_error=max_error)
+    (out / "throughput.json").write_text(json.dumps(thr, indent=2, default=float) + "\n")
+    console.print(table(report))
+    console.print(f"capacity (req/s): {', '.join(f'{k} {v:.2f}' for k, v in report.capacity_rps.items())}")
+    if "ratio_builtin_over_vllm" in thr:
+        console.print(f"output tokens/s on {thr['workload']}: built-in {thr['builtin']['output_tokens_per_s']:.1f}, "
+                      f"vLLM {thr['vllm']['output_tokens_per_s']:.1f}, ratio built-in/vLLM "
+                      f"{thr['ratio_builtin_over_vllm']:.2f}")
+    console.print(f"wrote {out}/summary.json, throughput.json; worst error {s['worst_error']:.1%} "
+                  f"(limit {max_error:.0%})")
+    if not s["passed"]:
+        raise typer.Exit(1)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +25,7 @@ from sim.cost_profile import CostProfile
 from sim.model_spec import ModelSpec, get_model
 from sim.request import Workload
 from sim.simulator import simulate
-from sim.topology import Topology
+from sim.topology import HostCPU, Topology
 from sim.traces import load_trace
 from validate.compare import compare
 
@@ -83,9 +85,25 @@ class ValidationReport:
     config: dict = field(default_factory=dict)
 
 
+def _host_busy_s() -> float:
+    """CPU seconds the whole host has spent busy since boot (all cores; /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _run_real(model: str, topo: Topology, workload: Workload, transport: str, seed: int,
-              trace_dir: Path | None = None) -> pa.Table:
-    """One real run; with ``trace_dir`` the workers log every model step there (`engine.step_trace`)."""
+              trace_dir: Path | None = None, host: dict | None = None) -> pa.Table:
+    """One real run; with ``trace_dir`` the workers log every model step there (`engine.step_trace`). ``host``, if
+    given, receives ``background_cpu``: cores' worth of host CPU used by everything but the workers during the run
+    (router, load generator, other jobs) — an input to the simulator's `HostCPU` contention model."""
     import os
 
     from engine.cluster import Cluster
@@ -97,7 +115,14 @@ def _run_real(model: str, topo: Topology, workload: Workload, transport: str, se
         os.environ[TRACE_ENV] = str(trace_dir)
     try:
         with Cluster(model, topo, transport=transport, seed=seed) as c:
-            return run_load(c.url, workload, seed=seed)
+            workers = [c.pid(p) for p in c.procs if p != "router"]
+            busy0, work0, t0 = _host_busy_s(), sum(_proc_cpu_s(p) for p in workers), time.monotonic()
+            table = run_load(c.url, workload, seed=seed)
+            busy1, work1, t1 = _host_busy_s(), sum(_proc_cpu_s(p) for p in workers), time.monotonic()
+            if host is not None:
+                host["background_cpu"] = max(0.0, ((busy1 - busy0) - (work1 - work0)) / max(t1 - t0, 1e-9))
+                host["workers_cpu"] = (work1 - work0) / max(t1 - t0, 1e-9)
+            return table
     finally:
         os.environ.pop(TRACE_ENV, None)
         if old is not None:
@@ -153,9 +178,10 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
              workload: str = "azure-conv", num_requests: int = 100, profile: str | Path | None = None,
              calibrate_budget_s: float = 60.0, repeat: int = 1, seed: int = 0, transport: str = "shm",
              length_scale: float | None = None, burst: int = 32, capacity_rps: dict[str, float] | None = None,
-             progress: Progress | None = None) -> ValidationReport:
+             host_contention: bool = True, progress: Progress | None = None) -> ValidationReport:
     """Run the measure -> simulate -> compare loop (module docstring). ``capacity_rps`` skips the ramp for the
-    topologies it names. Raises `ValidateError` on bad input."""
+    topologies it names. ``host_contention``: simulate the workers sharing this host's cores with the background CPU
+    measured during each real run (`HostCPU`). Raises `ValidateError` on bad input."""
     say = progress or (lambda msg: log.info(msg))
     if not loads or any(not 0 < f <= 2 for f in loads):
         raise ValidateError(f"--loads must be fractions of capacity in (0, 2], got {list(loads)}")
@@ -183,7 +209,7 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
     report = ValidationReport(prof, {}, config={
         "model": model, "topologies": list(topologies), "loads": list(loads), "workload": workload,
         "num_requests": num_requests, "repeat": repeat, "seed": seed, "transport": transport,
-        "length_scale": length_scale, "burst": burst})
+        "length_scale": length_scale, "burst": burst, "host_contention": host_contention})
     for label, topo in topos.items():
         if capacity_rps and label in capacity_rps:
             cap = capacity_rps[label]
@@ -197,10 +223,12 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
             w = scaled_workload(workload, spec, num_requests, rate, seed, length_scale)
             for k in range(repeat):
                 say(f"{label} at {load:.0%} ({rate:.2f} req/s), run {k + 1}/{repeat}: engine")
+                host: dict = {}
                 with tempfile.TemporaryDirectory(prefix="disagg-steps-") as trace_dir:
-                    real = _run_real(model, topo, w, transport, seed, Path(trace_dir))
+                    real = _run_real(model, topo, w, transport, seed, Path(trace_dir), host)
                     service = service_error(Path(trace_dir), prof)
-                sim = simulate(topo, _replay(real, w), prof, model=spec, seed=seed).records
-                errors = {**compare(real, sim), "service": service}
+                cpu = HostCPU(os.cpu_count() or 1, host.get("background_cpu", 0.0)) if host_contention else None
+                sim = simulate(topo, _replay(real, w), prof, model=spec, seed=seed, host=cpu).records
+                errors = {**compare(real, sim), "service": service, "host": host}
                 report.runs.append(RunResult(label, load, rate, k, real, sim, errors))
     return report
