@@ -49,7 +49,7 @@ def summary(report: ValidationReport, max_error: float) -> dict:
 def table(report: ValidationReport) -> Table:
     t = Table(title="simulator error vs the real engine: (sim - real) / real")
     for col in ("topology", "load", "req/s", "run", *KEYS, "real TTFT p50 ms", "real TPOT p50 ms",
-                "step err prefill", "step err decode"):
+                "step err prefill", "step err decode", "ttft_p50 | engine steps", "tpot_p50 | engine steps"):
         t.add_column(col, justify="right")
     for r in report.runs:
         e = r.errors["errors"]
@@ -57,7 +57,9 @@ def table(report: ValidationReport) -> Table:
                   *(f"{e[k]:+.1%}" if not math.isnan(e[k]) else "-" for k in KEYS),
                   f"{r.errors['real']['ttft_p50'] * 1e3:.1f}", f"{r.errors['real']['tpot_p50'] * 1e3:.2f}",
                   *(f"{r.errors['service'][k]['median']:+.1%}" if r.errors.get("service", {}).get(k, {}).get("steps")
-                    else "-" for k in ("prefill", "decode")))
+                    else "-" for k in ("prefill", "decode")),
+                  *(f"{r.errors['with_engine_step_costs'][k]:+.1%}" if "with_engine_step_costs" in r.errors else "-"
+                    for k in ("ttft_p50", "tpot_p50")))
     return t
 
 

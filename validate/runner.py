@@ -59,7 +59,7 @@ def scaled_workload(name_or_path: str, model: ModelSpec, num_requests: int, rate
     arrivals = np.concatenate([[0.0], np.cumsum(gaps[1:])])
     reqs = tuple(replace(r, arrival_s=float(a), prompt_tokens=max(1, round(r.prompt_tokens * scale)),
                          output_tokens=max(2, round(r.output_tokens * scale)))
-                 for r, a in zip(base.requests, arrivals))
+                 for r, a in zip(base.requests, arrivals, strict=False))
     w = Workload(reqs, f"{base.name}-scaled{scale:.2f}@{rate_rps:.2f}rps")
     return w.clip_lengths(max_total_tokens=model.max_context_tokens - 1)
 
@@ -129,32 +129,61 @@ def _run_real(model: str, topo: Topology, workload: Workload, transport: str, se
             os.environ[TRACE_ENV] = old
 
 
+def _trace_steps(trace_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for f in sorted(Path(trace_dir).glob("*.jsonl")) for line in f.read_text().splitlines()]
+
+
+def trace_profile(trace_dir: Path, base: CostProfile) -> CostProfile | None:
+    """A diagnostic profile fitted to the engine's own traced steps of one run (same formulas as calibration).
+
+    Simulating with it isolates the simulator's queueing / scheduling error from the calibration's service-time
+    error. It is fitted in-sample on the run it then replays, so it is a diagnosis, never a prediction. None when
+    the run has too few steps of a kind to fit."""
+    from calibrate.fit import fit_decode, fit_prefill
+
+    steps = _trace_steps(trace_dir)
+    pre = [st for st in steps if st["k"] == "prefill"]
+    dec = [st for st in steps if st["k"] == "decode"]
+    if len(pre) < 8 or len(dec) < 8:
+        return None
+    pf = fit_prefill(np.array([len(st["n"]) for st in pre]), np.array([sum(st["n"]) for st in pre], float),
+                     np.array([sum((c + n) ** 2 - c * c for n, c in zip(st["n"], st["c"], strict=False)) for st in pre], float),
+                     np.array([st["t1"] - st["t0"] for st in pre]))
+
+    def term(st: dict) -> float:
+        ctx = [c + 1 for c in st["c"]]
+        return float(sum(ctx) if base.decode_context == "sum" else len(ctx) * max(ctx))
+
+    df = fit_decode(np.array([len(st["c"]) for st in dec]), np.array([term(st) for st in dec]),
+                    np.array([st["t1"] - st["t0"] for st in dec]))
+    return replace(base, name=f"{base.name}:engine-trace", prefill=pf.cost, decode=df.pieces,
+                   fit={"prefill_cv_mape": pf.cv_mape, "decode_cv_mape": df.cv_mape})
+
+
 def service_error(trace_dir: Path, profile: CostProfile) -> dict:
     """How the engine's own model steps compare with the profile's prediction for the same shapes, per step kind:
     median and mean of (predicted - measured) / measured, and the steps' count. This separates service-time error
     (the profile under this load) from queueing and scheduling error (the simulator's model)."""
-    import json
-
     rows: dict[str, list[float]] = {"prefill": [], "decode": []}
-    for f in sorted(Path(trace_dir).glob("*.jsonl")):
-        for line in f.read_text().splitlines():
-            st = json.loads(line)
-            measured = st["t1"] - st["t0"]
-            if st["k"] == "prefill":
-                pred = profile.prefill_s(st["n"], st["c"])
-            else:
-                ctx = [c + 1 for c in st["c"]]
-                term = sum(ctx) if profile.decode_context == "sum" else len(ctx) * max(ctx)
-                pred = profile.decode_step_s(len(ctx), term)
-            if measured > 0:
-                rows[st["k"]].append((pred - measured) / measured)
+    for st in _trace_steps(trace_dir):
+        measured = st["t1"] - st["t0"]
+        if st["k"] == "prefill":
+            pred = profile.prefill_s(st["n"], st["c"])
+        else:
+            ctx = [c + 1 for c in st["c"]]
+            term = sum(ctx) if profile.decode_context == "sum" else len(ctx) * max(ctx)
+            pred = profile.decode_step_s(len(ctx), term)
+        if measured > 0:
+            rows[st["k"]].append((pred - measured) / measured)
     return {k: {"steps": len(v), "median": float(np.median(v)) if v else math.nan,
                 "mean": float(np.mean(v)) if v else math.nan} for k, v in rows.items()}
 
 
 def _replay(real: pa.Table, workload: Workload) -> Workload:
     """The workload with the arrival times the router actually stamped (requests it never saw keep theirs)."""
-    stamped = dict(zip(real.column("request_id").to_pylist(), real.column("arrival_s").to_pylist()))
+    stamped = dict(zip(real.column("request_id").to_pylist(), real.column("arrival_s").to_pylist(), strict=False))
     reqs = tuple(replace(r, arrival_s=max(0.0, stamped.get(r.id, r.arrival_s)))
                  if not math.isnan(stamped.get(r.id, math.nan)) else r for r in workload.requests)
     return Workload(reqs, workload.name)
@@ -227,8 +256,13 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
                 with tempfile.TemporaryDirectory(prefix="disagg-steps-") as trace_dir:
                     real = _run_real(model, topo, w, transport, seed, Path(trace_dir), host)
                     service = service_error(Path(trace_dir), prof)
+                    diag = trace_profile(Path(trace_dir), prof)
                 cpu = HostCPU(os.cpu_count() or 1, host.get("background_cpu", 0.0)) if host_contention else None
-                sim = simulate(topo, _replay(real, w), prof, model=spec, seed=seed, host=cpu).records
+                replay = _replay(real, w)
+                sim = simulate(topo, replay, prof, model=spec, seed=seed, host=cpu).records
                 errors = {**compare(real, sim), "service": service, "host": host}
+                if diag is not None:  # the queueing model alone: the engine's own step costs, no contention stretch
+                    trace_sim = simulate(topo, replay, diag, model=spec, seed=seed).records
+                    errors["with_engine_step_costs"] = compare(real, trace_sim)["errors"]
                 report.runs.append(RunResult(label, load, rate, k, real, sim, errors))
     return report
