@@ -178,18 +178,7 @@ class Cluster:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM every process group (router first), wait up to ``timeout_s``, SIGKILL the rest. Idempotent."""
-        order = sorted(self.procs.values(), key=lambda p: p.name != "router")
-        for p in order:
-            _signal_group(p.popen, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for p in order:
-            try:
-                p.popen.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within %g s; killing it", p.name, timeout_s)
-            _signal_group(p.popen, signal.SIGKILL)
-            p.popen.wait()
-        self.procs.clear()
+        stop_processes(self.procs, timeout_s)
         if self._run_dir is not None and not self.log_dir:
             shutil.rmtree(self._run_dir, ignore_errors=True)
         self._run_dir = None
@@ -204,6 +193,23 @@ class Cluster:
 
     def log_tail(self, name: str, lines: int = 40) -> str:
         return _tail(self.procs[name].log_path, lines)
+
+
+def stop_processes(procs: dict[str, Proc], timeout_s: float) -> None:
+    """SIGTERM every process group (the router first), wait up to ``timeout_s`` in all, SIGKILL what is left, and
+    empty ``procs``."""
+    order = sorted(procs.values(), key=lambda p: p.name != "router")
+    for p in order:
+        _signal_group(p.popen, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for p in order:
+        try:
+            p.popen.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %g s; killing it", p.name, timeout_s)
+        _signal_group(p.popen, signal.SIGKILL)
+        p.popen.wait()
+    procs.clear()
 
 
 def _signal_group(p: subprocess.Popen, sig: int) -> None:

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from engine.cluster import ClusterError, Proc, _signal_group, _tail, resolve_model
+from engine.cluster import ClusterError, Proc, _tail, resolve_model, stop_processes
 from engine.vllm_backend.model_folder import vllm_model_dir
 from sim.topology import Topology
 
@@ -208,18 +207,7 @@ class VllmCluster:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM every process group (router first), wait up to ``timeout_s``, SIGKILL the rest. Idempotent."""
-        order = sorted(self.procs.values(), key=lambda p: p.name != "router")
-        for p in order:
-            _signal_group(p.popen, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for p in order:
-            try:
-                p.popen.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within %g s; killing it", p.name, timeout_s)
-            _signal_group(p.popen, signal.SIGKILL)
-            p.popen.wait()
-        self.procs.clear()
+        stop_processes(self.procs, timeout_s)
         self.instances = []
         if self._run_dir is not None and not self.log_dir:
             shutil.rmtree(self._run_dir, ignore_errors=True)
