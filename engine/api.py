@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from fastapi import Request
+
 MAX_BODY_BYTES = 8 << 20
 SEED_RANGE = (-(2**63), 2**64)
 
@@ -206,3 +208,22 @@ def full_response(req_id: str, created: int, model: str, chat: bool, text: str, 
         obj = "text_completion"
     return {"id": req_id, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage,
             **extra}
+
+
+def sse_event(obj: dict) -> str:
+    """One server-sent event carrying ``obj`` as compact JSON."""
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def add_completion_routes(app: Any, generate: Any) -> None:
+    """Register OpenAI's ``/v1/completions`` and ``/v1/chat/completions`` on a FastAPI ``app``, both served by
+    ``async generate(request, chat: bool)`` (shared by the built-in router and the vLLM backend's router)."""
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await generate(request, chat=True)
+

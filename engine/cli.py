@@ -48,6 +48,29 @@ def parse_topology(text: str, router: str | None = None, **pool: object):
     return topo
 
 
+def supervise(cluster, stop: dict, console, workers_fatal: bool = False) -> None:  # noqa: ANN001
+    """Keep a started cluster up until Ctrl-C, SIGTERM (``stop["now"]``) or its router exits — or, with
+    ``workers_fatal``, any of its processes (the built-in router retries around dead workers; vLLM's does not).
+    Always stops the cluster."""
+    import time
+
+    try:
+        while not stop["now"]:
+            dead = [n for n, p in cluster.procs.items() if p.popen.poll() is not None]
+            if "router" in dead:
+                console.print(f"[red]router exited[/]:\n{cluster.log_tail('router')}")
+                break
+            if dead and workers_fatal:
+                console.print(f"[red]{', '.join(dead)} exited[/]:\n{cluster.log_tail(dead[0])}")
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+        console.print("stopped")
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
@@ -75,7 +98,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Start a router and its prefill/decode (or colocated) workers; Ctrl-C stops everything."""
         import signal
-        import time
 
         from disagg_cli.main import console, fail
         from engine.cluster import Cluster, ClusterError
@@ -114,18 +136,7 @@ def register(app: typer.Typer) -> None:
             fail(str(e))
         console.print(f"serving {model} as {topo.label} at [bold]{url}/v1[/] (transport {transport}); Ctrl-C stops",
                       soft_wrap=True)
-        try:
-            while not stop["now"]:
-                dead = [n for n, p in cluster.procs.items() if p.popen.poll() is not None]
-                if "router" in dead:
-                    console.print(f"[red]router exited[/]:\n{cluster.log_tail('router')}")
-                    break
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            cluster.stop()
-            console.print("stopped")
+        supervise(cluster, stop, console)
 
     @app.command()
     def loadgen(

@@ -26,7 +26,16 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from engine.api import ApiError, ModelInfo, chunk, full_response, parse_json, parse_request
+from engine.api import (
+    ApiError,
+    ModelInfo,
+    add_completion_routes,
+    chunk,
+    full_response,
+    parse_json,
+    parse_request,
+    sse_event,
+)
 from engine.router import Req, Router, WorkerState
 
 log = logging.getLogger(__name__)
@@ -132,18 +141,18 @@ def create_app(router: Router, info: ModelInfo) -> FastAPI:
                     if ev[0] == "token":
                         n += 1
                         text = detok.delta(req.tokens[:n])
-                        yield _sse(chunk(rid, created, info.name, chat, text, [ev[1]], None))
+                        yield sse_event(chunk(rid, created, info.name, chat, text, [ev[1]], None))
                     elif ev[0] == "done":
                         tail = detok.delta(req.tokens, True)
                         extra = {"disagg": {"record": router.record(req)}}
-                        yield _sse(chunk(rid, created, info.name, chat, tail, [], ev[1], extra))
+                        yield sse_event(chunk(rid, created, info.name, chat, tail, [], ev[1], extra))
                         if gen.include_usage:
-                            yield _sse({"id": rid, "object": "text_completion", "created": created,
+                            yield sse_event({"id": rid, "object": "text_completion", "created": created,
                                         "model": info.name, "choices": [], "usage": _usage(req)})
                         yield "data: [DONE]\n\n"
                         return
                     else:
-                        yield _sse({"error": {"message": ev[2], "type": "server_error", "code": ev[1]}})
+                        yield sse_event({"error": {"message": ev[2], "type": "server_error", "code": ev[1]}})
                         yield "data: [DONE]\n\n"
                         return
                     ev = await req.events.get()
@@ -154,19 +163,8 @@ def create_app(router: Router, info: ModelInfo) -> FastAPI:
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-disagg-request-id": str(req.id)})
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await generate(request, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await generate(request, chat=True)
-
+    add_completion_routes(app, generate)
     return app
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
 def _usage(req: Req) -> dict:

@@ -47,7 +47,16 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from engine.api import ApiError, ModelInfo, chunk, full_response, parse_json, parse_request
+from engine.api import (
+    ApiError,
+    ModelInfo,
+    add_completion_routes,
+    chunk,
+    full_response,
+    parse_json,
+    parse_request,
+    sse_event,
+)
 from sim.records import RECORD_FIELDS, RequestRecord
 from sim.router import get_policy
 
@@ -253,28 +262,17 @@ def create_app(router: VllmRouter, info: ModelInfo) -> FastAPI:
                     before = info.tokenizer.decode(ids)
                     ids += ev[1]
                     text = info.tokenizer.decode(ids)[len(before):]
-                    yield _sse(chunk(rid, created, info.name, chat, text, ev[1], None))
+                    yield sse_event(chunk(rid, created, info.name, chat, text, ev[1], None))
                 elif ev[0] == "done":
-                    yield _sse(chunk(rid, created, info.name, chat, "", [], ev[1], {"disagg": {"record": ev[2]}}))
+                    yield sse_event(chunk(rid, created, info.name, chat, "", [], ev[1], {"disagg": {"record": ev[2]}}))
                 else:
-                    yield _sse({"error": {"message": ev[1], "type": "server_error", "code": 502}})
+                    yield sse_event({"error": {"message": ev[1], "type": "server_error", "code": 502}})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await generate(request, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await generate(request, chat=True)
-
+    add_completion_routes(app, generate)
     return app
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
 async def _serve(spec: dict) -> None:

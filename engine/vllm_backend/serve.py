@@ -16,9 +16,9 @@ def serve_vllm(model: str, topo, host: str, port: int, records: Path | None, log
                kv_cache_gib: int, eager: bool) -> None:
     """Run until interrupted; prints the URL. Exits via `disagg_cli.main.fail` on startup errors."""
     import signal
-    import time
 
     from disagg_cli.main import console, fail
+    from engine.cli import supervise
     from engine.cluster import ClusterError
     from engine.vllm_backend.cluster import VllmCluster
 
@@ -32,18 +32,4 @@ def serve_vllm(model: str, topo, host: str, port: int, records: Path | None, log
     except (ClusterError, FileNotFoundError, ValueError, OSError) as e:
         fail(str(e))
     console.print(f"serving {model} on vLLM as {topo.label} at [bold]{url}/v1[/]; Ctrl-C stops", soft_wrap=True)
-    try:
-        while not stop["now"]:
-            if cluster.procs["router"].popen.poll() is not None:
-                console.print(f"[red]router exited[/]:\n{cluster.log_tail('router')}")
-                break
-            dead = [n for n, p in cluster.procs.items() if p.popen.poll() is not None]
-            if dead:
-                console.print(f"[red]vLLM instance(s) {', '.join(dead)} exited[/]:\n{cluster.log_tail(dead[0])}")
-                break
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        cluster.stop()
-        console.print("stopped")
+    supervise(cluster, stop, console, workers_fatal=True)
