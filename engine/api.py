@@ -215,9 +215,26 @@ def sse_event(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def add_completion_routes(app: Any, generate: Any) -> None:
-    """Register OpenAI's ``/v1/completions`` and ``/v1/chat/completions`` on a FastAPI ``app``, both served by
-    ``async generate(request, chat: bool)`` (shared by the built-in router and the vLLM backend's router)."""
+def add_openai_routes(app: Any, generate: Any, info: ModelInfo, records: Any, owned_by: str = "disagg") -> None:
+    """Register what both routers (built-in and vLLM backend) serve alike on a FastAPI ``app``: the `ApiError`
+    handler, ``/v1/models``, ``/v1/records`` (``records()`` returns the kept server-side records) and OpenAI's
+    ``/v1/completions`` and ``/v1/chat/completions``, both served by ``async generate(request, chat: bool)``."""
+    import time
+
+    from fastapi.responses import JSONResponse
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": info.name, "object": "model", "owned_by": owned_by,
+                                            "max_model_len": info.max_context_tokens}]}
+
+    @app.get("/v1/records")
+    async def records_route() -> dict:
+        return {"clock": "monotonic", "now": time.monotonic(), "records": list(records())}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -226,4 +243,3 @@ def add_completion_routes(app: Any, generate: Any) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         return await generate(request, chat=True)
-

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from engine.api import (
     ApiError,
     ModelInfo,
-    add_completion_routes,
+    add_openai_routes,
     chunk,
     full_response,
     parse_json,
@@ -69,10 +69,6 @@ async def _next_event(req: Req, request: Request | None) -> tuple:
 def create_app(router: Router, info: ModelInfo) -> FastAPI:
     app = FastAPI(title="disagg router", docs_url=None, redoc_url=None)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
-
     @app.get("/health")
     async def health() -> JSONResponse:
         live = {role: sum(w.alive for w in ws) for role, ws in router.pools.items() if ws}
@@ -82,15 +78,6 @@ def create_app(router: Router, info: ModelInfo) -> FastAPI:
         return JSONResponse({"status": status, "live_workers": live,
                              "workers": {w.name: w.alive for w in router.workers.values()}},
                             status_code=200 if serving else 503)
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": info.name, "object": "model", "owned_by": "disagg",
-                                            "max_model_len": info.max_context_tokens}]}
-
-    @app.get("/v1/records")
-    async def records() -> dict:
-        return {"clock": "monotonic", "now": time.monotonic(), "records": list(router.records)}
 
     @app.get("/v1/workers")
     async def workers() -> dict:
@@ -163,7 +150,7 @@ def create_app(router: Router, info: ModelInfo) -> FastAPI:
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-disagg-request-id": str(req.id)})
 
-    add_completion_routes(app, generate)
+    add_openai_routes(app, generate, info, lambda: router.records, owned_by="disagg")
     return app
 
 

@@ -50,7 +50,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from engine.api import (
     ApiError,
     ModelInfo,
-    add_completion_routes,
+    add_openai_routes,
     chunk,
     full_response,
     parse_json,
@@ -213,10 +213,6 @@ def create_app(router: VllmRouter, info: ModelInfo) -> FastAPI:
     response_ids = itertools.count()
     app = FastAPI(title="disagg router (vLLM backend)", docs_url=None, redoc_url=None)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
-
     @app.get("/health")
     async def health() -> JSONResponse:
         ok = {}
@@ -228,15 +224,6 @@ def create_app(router: VllmRouter, info: ModelInfo) -> FastAPI:
         good = all(ok.values())
         return JSONResponse({"status": "ok" if good else "unavailable", "workers": ok, "backend": "vllm"},
                             status_code=200 if good else 503)
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": info.name, "object": "model", "owned_by": "disagg+vllm",
-                                            "max_model_len": info.max_context_tokens}]}
-
-    @app.get("/v1/records")
-    async def records() -> dict:
-        return {"clock": "monotonic", "now": time.monotonic(), "records": list(router.records)}
 
     async def generate(request: Request, chat: bool):
         gen = parse_request(parse_json(await request.body()), info, chat)
@@ -271,7 +258,7 @@ def create_app(router: VllmRouter, info: ModelInfo) -> FastAPI:
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
-    add_completion_routes(app, generate)
+    add_openai_routes(app, generate, info, lambda: router.records, owned_by="disagg+vllm")
     return app
 
 
