@@ -25,6 +25,7 @@ from functools import partial
 from typing import TYPE_CHECKING, cast
 
 import simpy
+from simpy.events import URGENT
 
 from sim.running_batch import RunningBatch, SimSeq, blocks_for, steps_done_by, steps_time
 
@@ -33,6 +34,23 @@ if TYPE_CHECKING:
     from sim.link import SharedLink
     from sim.simulator import SimContext
     from sim.topology import PoolSpec
+
+
+_CUT = object()  # what a decode segment's wait returns when a join cuts the segment short
+
+
+class _Cut(simpy.Event):
+    """Cut a decode segment short: like ``process.interrupt()`` (an URGENT event that detaches the process from the
+    timeout it waits on and resumes it), in the same event order, but the process receives `_CUT` instead of having
+    an exception thrown into it."""
+
+    def __init__(self, proc: simpy.Process, waiting_on: simpy.Timeout):
+        super().__init__(proc.env)
+        assert waiting_on.callbacks is not None, "the segment's timeout was already processed"
+        waiting_on.callbacks.remove(proc._resume)
+        self.callbacks.append(proc._resume)
+        self._ok, self._value = True, _CUT
+        proc.env.schedule(self, URGENT)
 
 
 class DecodeInstance:
@@ -56,6 +74,9 @@ class DecodeInstance:
         self._wake: simpy.Event | None = None
         self._in_segment = self._interrupted = False
         self._segment_steps = 0
+        self._segment_end: simpy.Timeout | None = None
+        self._linear: dict[int, tuple[float, float]] = {}  # batch size -> profile.decode_linear(size)
+        self.last_sample_s = -math.inf  # when `SimContext.sample` last sampled this instance
         self._proc = ctx.env.process(self.run())
 
     # --- what the router, the sampler and the other instances see --------------------------------------------------
@@ -96,7 +117,7 @@ class DecodeInstance:
         self._note_peak()
 
     def _note_peak(self) -> None:
-        used = self.kv_used
+        used = self.reserved + self.batch.blocks()
         if used > self.kv_peak:
             self.kv_peak = used
         assert used <= self.kv_capacity, f"{self.name}: {used} KV blocks used of {self.kv_capacity}"
@@ -128,20 +149,21 @@ class DecodeInstance:
             self._wake.succeed()
         elif self._in_segment and not self._interrupted:
             self._interrupted = True
-            self._proc.interrupt()
+            _Cut(self._proc, cast("simpy.Timeout", self._segment_end))
 
     def _start_transfers(self) -> None:
-        env, bs, kvb = self.ctx.env, self.block_size, self.ctx.kv_bytes_per_token
-        while self.incoming and not self.preempted:
-            s = self.incoming[0]
-            need = blocks_for(s.context + 1, bs)
+        env, bs, kvb, incoming, link = self.ctx.env, self.block_size, self.ctx.kv_bytes_per_token, self.incoming, self.link
+        assert link is not None, f"{self.name}: a KV transfer to an instance without a link"
+        while incoming and not self.preempted:
+            s = incoming[0]
             if not self._headroom(blocks_for(s.context + 2, bs)):
                 break
-            self.incoming.popleft()
-            self._reserve(s, need)
-            s.rec.kv_transfer_start_s = env.now
-            s.rec.kv_bytes = s.context * kvb
-            cast("SharedLink", self.link).send(s.rec.kv_bytes, partial(self._arrived, s))  # set when disaggregated
+            incoming.popleft()
+            self._reserve(s, blocks_for(s.context + 1, bs))
+            rec = s.rec
+            rec.kv_transfer_start_s = env.now
+            rec.kv_bytes = s.context * kvb
+            link.send(rec.kv_bytes, partial(self._arrived, s))
 
     def _arrived(self, s: SimSeq) -> None:
         s.rec.kv_transfer_end_s = self.ctx.env.now
@@ -211,7 +233,8 @@ class DecodeInstance:
             tokens += s.rec.prompt_tokens
         if not batch:
             return False
-        self.ctx.sample(self, len(self.prefill_q), self.batch.size + len(batch))
+        if env.now - self.last_sample_s >= self.ctx.sample_every_s:
+            self.ctx.sample(self, len(self.prefill_q), self.batch.size + len(batch))
         dur = self.profile.prefill_s([s.rec.prompt_tokens for s in batch]) * self.ctx.begin_step()
         yield env.timeout(dur)
         self.ctx.end_step()
@@ -250,7 +273,8 @@ class DecodeInstance:
             budget -= n
         if not chunks:
             return False
-        self.ctx.sample(self, len(self.prefill_q), batch.size + len(chunks))
+        if env.now - self.last_sample_s >= self.ctx.sample_every_s:
+            self.ctx.sample(self, len(self.prefill_q), batch.size + len(chunks))
         dur = self.profile.prefill_s([n for _, n in chunks], cached=[s.context for s, _ in chunks])
         if batch.size:
             dur += (self.profile.decode_step_s(batch.size, batch.first_step_context(self.profile.decode_context))
@@ -279,24 +303,29 @@ class DecodeInstance:
             self._preempt_one()
             return
         s0 = batch.first_step_context(self.profile.decode_context)
-        base, slope = self.profile.decode_linear(size)
+        linear = self._linear.get(size)
+        if linear is None:
+            linear = self._linear[size] = self.profile.decode_linear(size)
+        base, slope = linear
         stretch = self.ctx.begin_step()  # host CPU contention slows every step of the segment alike
-        base, slope = base * stretch, slope * stretch
+        if stretch != 1.0:
+            base, slope = base * stretch, slope * stretch
         total = steps_time(k, base, slope, s0, size)
         t0 = env.now
-        self.ctx.sample(self, len(self.ready) + len(self.prefill_q), size)
+        if t0 - self.last_sample_s >= self.ctx.sample_every_s:
+            self.ctx.sample(self, len(self.ready) + len(self.prefill_q), size)
         self._in_segment, self._interrupted, self._segment_steps = True, False, k
-        try:
-            yield env.timeout(total)
-            done = k
-        except simpy.Interrupt:
+        self._segment_end = env.timeout(total)
+        if (yield self._segment_end) is _CUT:  # a join: stop at the end of the step running now
             done = min(steps_done_by(env.now - t0, base, slope, s0, size, k) + 1, k)
-            rest = t0 + steps_time(done, base, slope, s0, size) - env.now
+            dur = steps_time(done, base, slope, s0, size)
+            rest = t0 + dur - env.now
             if rest > 0:
                 yield env.timeout(rest)
-        self._in_segment = False
+        else:
+            done, dur = k, total
+        self._in_segment, self._segment_end = False, None
         self.ctx.end_step()
-        dur = steps_time(done, base, slope, s0, size)
         self.busy_s += dur
         t_end = t0 + dur
         finished = batch.advance(done, t0 + base + slope * s0, base + slope * (s0 + (done - 1) * size), t_end)

@@ -8,6 +8,7 @@ phase; when transfers start or end, every active one's rate is recomputed. Event
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import simpy
 
@@ -20,10 +21,9 @@ class SharedLink:
         self.bw = bandwidth_bytes_per_s
         self.latency_s = latency_s
         self.name = name
-        self._active: dict[int, list] = {}  # token -> [remaining_bytes, done_callback, tolerance]
+        self._active: list[list] = []  # in start order: [remaining_bytes, done_callback, tolerance]
         self._last = 0.0
-        self._gen = 0
-        self._next_token = 0
+        self._due: simpy.Timeout | None = None  # when the smallest active transfer ends; earlier ones are superseded
         self.bytes_moved = 0.0
         self.busy_s = 0.0
 
@@ -32,9 +32,12 @@ class SharedLink:
         self.bytes_moved += nbytes
         if self.latency_s > 0:
             ev = self.env.timeout(self.latency_s)
-            ev.callbacks.append(lambda _e: self._join(nbytes, on_done))
+            ev.callbacks.append(partial(self._latency_over, nbytes, on_done))
         else:
             self._join(nbytes, on_done)
+
+    def _latency_over(self, nbytes: float, on_done: Callable[[], None], _ev: simpy.Event) -> None:
+        self._join(nbytes, on_done)
 
     def _advance(self) -> None:
         now = self.env.now
@@ -42,7 +45,7 @@ class SharedLink:
         if n:
             moved = (now - self._last) * self.bw / n
             self.busy_s += now - self._last
-            for entry in self._active.values():
+            for entry in self._active:
                 entry[0] -= moved
         self._last = now
 
@@ -51,29 +54,32 @@ class SharedLink:
         if nbytes <= 0:
             on_done()
             return
-        self._next_token += 1
-        self._active[self._next_token] = [float(nbytes), on_done, 1e-9 * float(nbytes)]
+        self._active.append([float(nbytes), on_done, 1e-9 * float(nbytes)])
         self._reschedule()
 
     def _reschedule(self) -> None:
-        self._gen += 1
-        if not self._active:
+        active = self._active
+        if not active:
+            self._due = None
             return
-        gen = self._gen
-        n = len(self._active)
-        smallest = min(e[0] for e in self._active.values())
-        ev = self.env.timeout(max(0.0, smallest * n / self.bw))
-        ev.callbacks.append(lambda _e: self._complete(gen))
+        n = len(active)
+        smallest = active[0][0] if n == 1 else min(e[0] for e in active)
+        self._due = ev = self.env.timeout(max(0.0, smallest * n / self.bw))
+        ev.callbacks.append(self._complete)
 
-    def _complete(self, gen: int) -> None:
-        if gen != self._gen:
+    def _complete(self, ev: simpy.Event) -> None:
+        if ev is not self._due:
             return  # superseded by a later start or end
         self._advance()
         # This fires when the smallest transfer is due: it is done whatever float round-off left of it, and so is
         # every transfer within round-off (e[2]) of it.
-        smallest = min(e[0] for e in self._active.values())
-        done = [tok for tok, e in self._active.items() if e[0] <= smallest + e[2]]
-        callbacks = [self._active.pop(tok)[1] for tok in done]
+        active = self._active
+        if len(active) == 1:
+            callbacks = [active.pop()[1]]
+        else:
+            smallest = min(e[0] for e in active)
+            callbacks = [e[1] for e in active if e[0] <= smallest + e[2]]
+            self._active = [e for e in active if e[0] > smallest + e[2]]
         self._reschedule()
         for cb in callbacks:
             cb()

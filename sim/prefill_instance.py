@@ -3,11 +3,18 @@
 Each request's KV blocks are held from its prefill start until its KV has fully arrived at the decode instance.
 A batch waits when the head request's blocks are not free. After a batch the first token of each request is sampled
 (``first_token_s = prefill_end_s``); a request with one output token finishes here, the others start their KV transfer.
+
+The queue is a deque with the event order of a ``simpy.Store`` (same simulated behaviour, ties included), minus the
+Store's put event per request: an idle instance waits on a get event that a hand-over event triggers with the head
+request (as the Store's put event would), and a busy one takes its next head through an immediate timeout (as the
+Store's already-satisfied get would).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from collections import deque
+from typing import TYPE_CHECKING, cast
 
 import simpy
 
@@ -24,10 +31,13 @@ class PrefillInstance:
     def __init__(self, ctx: SimContext, name: str, pool: PoolSpec, profile: CostProfile, capacity_tokens: int):
         self.ctx, self.name, self.pool, self.profile = ctx, name, pool, profile
         self.blocks = BlockPool(capacity_tokens // pool.block_size_tokens, pool.block_size_tokens)
-        self.queue: simpy.Store = simpy.Store(ctx.env)
+        self.queue: deque[SimSeq] = deque()  # arrived, waiting for a prefill batch
         self.outstanding = 0
         self.busy_s = 0.0
         self._freed: simpy.Event | None = None
+        self._getter: simpy.Event | None = None  # idle: the process waits on it for the next head request
+        self._handing_over = False
+        self.last_sample_s = -math.inf  # when `SimContext.sample` last sampled this instance
         ctx.env.process(self.run())
 
     @property
@@ -44,12 +54,22 @@ class PrefillInstance:
 
     @property
     def kv_load(self) -> float:
-        queued = sum(blocks_for(s.rec.prompt_tokens, self.blocks.block_size) for s in self.queue.items)
+        queued = sum(blocks_for(s.rec.prompt_tokens, self.blocks.block_size) for s in self.queue)
         return (self.blocks.used + queued) / self.blocks.capacity
 
     def submit(self, seq: SimSeq) -> None:
         self.outstanding += 1
-        self.queue.put(seq)
+        self.queue.append(seq)
+        if self._getter is not None and not self._handing_over:
+            self._handing_over = True
+            ev = simpy.Event(self.ctx.env)
+            ev.callbacks.append(self._hand_over)
+            ev.succeed()
+
+    def _hand_over(self, _ev: simpy.Event) -> None:
+        getter = cast("simpy.Event", self._getter)
+        self._getter, self._handing_over = None, False
+        getter.succeed(self.queue.popleft())
 
     def release(self, seq: SimSeq) -> None:
         """The request's KV left this instance (transfer done, or finished here)."""
@@ -62,7 +82,11 @@ class PrefillInstance:
     def run(self):
         env, pool, bs = self.ctx.env, self.pool, self.blocks.block_size
         while True:
-            head = yield self.queue.get()
+            if self.queue:
+                head = yield env.timeout(0, self.queue.popleft())
+            else:
+                self._getter = env.event()
+                head = yield self._getter
             need = blocks_for(head.rec.prompt_tokens, bs)
             while need > self.blocks.free:
                 self._freed = env.event()
@@ -70,13 +94,13 @@ class PrefillInstance:
             batch, tokens = [head], head.rec.prompt_tokens
             self.blocks.take(need)
             head.src_blocks = need
-            items = self.queue.items
+            items = self.queue
             while items and len(batch) < pool.max_batch_size:
                 nxt = items[0]
                 need = blocks_for(nxt.rec.prompt_tokens, bs)
                 if tokens + nxt.rec.prompt_tokens > pool.max_batch_tokens or need > self.blocks.free:
                     break
-                items.pop(0)
+                items.popleft()
                 self.blocks.take(need)
                 nxt.src_blocks = need
                 batch.append(nxt)
@@ -84,7 +108,8 @@ class PrefillInstance:
             start = env.now
             for s in batch:
                 s.rec.prefill_start_s = start
-            self.ctx.sample(self, len(items), len(batch))
+            if start - self.last_sample_s >= self.ctx.sample_every_s:
+                self.ctx.sample(self, len(items), len(batch))
             dur = self.profile.prefill_s([s.rec.prompt_tokens for s in batch]) * self.ctx.begin_step()
             yield env.timeout(dur)
             self.ctx.end_step()
@@ -100,5 +125,6 @@ class PrefillInstance:
                     self.ctx.finish(s, end)
                 else:
                     s.decode_instance.receive(s)
-            self.ctx.sample(self, len(self.queue.items), 0)
+            if end - self.last_sample_s >= self.ctx.sample_every_s:
+                self.ctx.sample(self, len(self.queue), 0)
 

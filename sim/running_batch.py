@@ -89,6 +89,7 @@ class RunningBatch:
         self._stack_val: list[float] = []
         self._new: list[SimSeq] = []  # joined since the last segment: their first gap is their own
         self._max_heap: list[tuple[int, int, SimSeq]] = []  # (-base, order, seq): the longest context
+        self._blocks = 0  # blocks_at(g), kept up to date
 
     # --- membership ------------------------------------------------------------------------------------------------
     def add(self, s: SimSeq) -> None:
@@ -100,12 +101,17 @@ class RunningBatch:
         q, r = divmod(s.base + self.bs, self.bs)
         self._q_sum += q
         self._r_count[r] += 1
+        self._blocks += -(-(s.context + 1) // self.bs)
         self.sum_base += s.base
         self.size += 1
         self._members[id(s)] = s
         self._new.append(s)
         heapq.heappush(self._heap, (s.finish_g, s.order, s))
-        heapq.heappush(self._max_heap, (-s.base, s.order, s))
+        heap = self._max_heap
+        if len(heap) > 2 * self.size + 64:  # drop the entries of members gone (it is only cleaned lazily)
+            heap[:] = [e for e in heap if e[2].member and e[2].base == -e[0]]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (-s.base, s.order, s))
 
     def remove(self, s: SimSeq) -> None:
         """``s`` leaves (finished or preempted): its context, remaining and max gap are written back to it."""
@@ -118,6 +124,7 @@ class RunningBatch:
         q, r = divmod(s.base + self.bs, self.bs)
         self._q_sum -= q
         self._r_count[r] -= 1
+        self._blocks -= -(-(s.context + 1) // self.bs)
         self.sum_base -= s.base
         self.size -= 1
         del self._members[id(s)]
@@ -141,7 +148,8 @@ class RunningBatch:
         return self._q_sum + self.size * (g // bs) + sum(self._r_count[bs - g % bs:])
 
     def blocks(self) -> int:
-        return self.blocks_at(self.g)
+        """KV blocks the members hold now."""
+        return self._blocks
 
     def steps_fitting(self, free_for_batch: int, k_max: int) -> int:
         """Largest k <= k_max such that the batch, k steps on, holds at most ``free_for_batch`` blocks."""
@@ -186,6 +194,7 @@ class RunningBatch:
         self._seg += 1
         self._push(self._seg, seg_gap)
         self.g += done
+        self._blocks = self.blocks_at(self.g)
         self.last_token_s = t_end
         finished = []
         heap = self._heap

@@ -53,8 +53,7 @@ class SimContext:
         self.kv_bytes_per_token = model.kv_bytes_per_token
         self.records: list[RequestRecord] = []
         self.finished = 0
-        self._every = sample_every_s
-        self._last_sample: dict[str, float] = {}
+        self.sample_every_s = sample_every_s
         self._ts: list[tuple] = []
         self.host: HostCPU | None = None
         self.busy = 0  # instances in a timed step right now
@@ -76,10 +75,10 @@ class SimContext:
         self.finished += 1
 
     def sample(self, inst: object, queue: int, batch: int) -> None:
-        name, now = inst.name, self.env.now  # type: ignore[attr-defined]
-        if now - self._last_sample.get(name, -math.inf) >= self._every:
-            self._last_sample[name] = now
-            self._ts.append((now, name, queue, batch, inst.kv_used, inst.kv_capacity))  # type: ignore[attr-defined]
+        """Record ``inst``'s queue, batch and KV use now. The instances call this only when ``sample_every_s`` has
+        passed since their ``last_sample_s``."""
+        now = inst.last_sample_s = self.env.now  # type: ignore[attr-defined]
+        self._ts.append((now, inst.name, queue, batch, inst.kv_used, inst.kv_capacity))  # type: ignore[attr-defined]
 
     def timeseries(self) -> pa.Table:
         cols: Sequence[Sequence[object]] = list(zip(*self._ts, strict=False)) if self._ts else \
@@ -150,27 +149,30 @@ def simulate(topology: Topology, workload: Workload, profile: CostProfile | Mapp
     limit_tokens = min(caps[p.role] // p.block_size_tokens * p.block_size_tokens for p in topology.pools) - 1
 
     def arrivals():
+        colocated = topology.kind == "colocated"
+        first, second = (pools["colocated"], None) if colocated else (pools["prefill"], pools["decode"])
+        first_state, second_state = states["colocated" if colocated else "prefill"], states.get("decode")
+        records, max_context, nan = ctx.records, model.max_context_tokens, math.nan
         for order, spec in enumerate(workload.requests):
             if spec.arrival_s > env.now:
                 yield env.timeout(spec.arrival_s - env.now)
             rec = RequestRecord(spec.id, spec.arrival_s, spec.prompt_tokens, spec.output_tokens)
-            ctx.records.append(rec)
+            records.append(rec)
             total = spec.prompt_tokens + spec.output_tokens
-            if total > model.max_context_tokens:
-                rec.status, rec.reason = "rejected", f"prompt + output = {total} tokens > model context {model.max_context_tokens}"
+            if total > max_context:
+                rec.status, rec.reason = "rejected", f"prompt + output = {total} tokens > model context {max_context}"
                 continue
             if total > limit_tokens:
                 rec.status, rec.reason = "rejected", f"prompt + output = {total} tokens > instance KV capacity {limit_tokens}"
                 continue
-            seq = SimSeq(rec, 0, spec.output_tokens, math.nan, order=order)
-            if topology.kind == "colocated":
-                cands = pools["colocated"]
-                inst = cands[policy(cands, states["colocated"], rng)]
+            seq = SimSeq(rec, 0, spec.output_tokens, nan, order=order)
+            if colocated:
+                inst = first[policy(first, first_state, rng)]
                 rec.prefill_instance = rec.decode_instance = inst.name
                 inst.submit(seq)
             else:
-                p = pools["prefill"][policy(pools["prefill"], states["prefill"], rng)]
-                d = pools["decode"][policy(pools["decode"], states["decode"], rng)]
+                p = first[policy(first, first_state, rng)]
+                d = second[policy(second, second_state, rng)]
                 rec.prefill_instance, rec.decode_instance = p.name, d.name
                 seq.prefill_instance, seq.decode_instance = p, d
                 d.outstanding += 1
