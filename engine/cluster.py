@@ -142,15 +142,10 @@ class Cluster:
                "MKL_NUM_THREADS": str(self.threads), "DISAGG_LOG_LEVEL": self.log_level,
                "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
         try:
-            workers = []
-            for pool in self.topology.pools:
-                for i in range(pool.instances):
-                    spec = self._worker_spec(pool, f"{pool.role[0].upper()}{i}", model_dir)
-                    workers.append((spec, self._spawn(spec.name, "engine.worker", spec.to_json(), env)))
-            self._wait_ready([p for _, p in workers])
+            workers = self._launch_workers(model_dir, env)
             router_spec = {
-                "workers": [{"name": s.name, "role": s.role, "control": p.info["control"], "kv": p.info["kv"],
-                             "capacity_blocks": s.num_blocks, "block_size": s.block_size} for s, p in workers],
+                "workers": [{"name": s.name, "role": s.role, "control": info["control"], "kv": info["kv"],
+                             "capacity_blocks": s.num_blocks, "block_size": s.block_size} for s, info in workers],
                 "policy": self.topology.router, "model_dir": str(model_dir),
                 "model_name": self.model_name or (str(self.model) if not Path(self.model).exists()
                                                   else Path(self.model).name),
@@ -165,6 +160,16 @@ class Cluster:
             raise
         self.url = router.info["url"]
         return self.url
+
+    def _launch_workers(self, model_dir: Path, env: dict) -> list[tuple[WorkerSpec, dict]]:
+        """Start every pool's workers as local processes; (spec, ready info with ``control`` and ``kv``) each."""
+        workers = []
+        for pool in self.topology.pools:
+            for i in range(pool.instances):
+                spec = self._worker_spec(pool, f"{pool.role[0].upper()}{i}", model_dir)
+                workers.append((spec, self._spawn(spec.name, "engine.worker", spec.to_json(), env)))
+        self._wait_ready([p for _, p in workers])
+        return [(s, p.info) for s, p in workers]
 
     def _worker_spec(self, pool: PoolSpec, name: str, model_dir: Path) -> WorkerSpec:
         assert self._run_dir is not None
@@ -182,6 +187,10 @@ class Cluster:
         if self._run_dir is not None and not self.log_dir:
             shutil.rmtree(self._run_dir, ignore_errors=True)
         self._run_dir = None
+
+    def dead(self) -> dict[str, str]:
+        """{name: why} for every process of this cluster that has exited."""
+        return dead_processes(self.procs)
 
     # ---- helpers for tests and tools -------------------------------------------------------------------------
     def pid(self, name: str) -> int:
@@ -210,6 +219,11 @@ def stop_processes(procs: dict[str, Proc], timeout_s: float) -> None:
         _signal_group(p.popen, signal.SIGKILL)
         p.popen.wait()
     procs.clear()
+
+
+def dead_processes(procs: dict[str, Proc]) -> dict[str, str]:
+    """{name: "exited with status N"} for the processes in ``procs`` that have exited."""
+    return {n: f"exited with status {p.popen.returncode}" for n, p in procs.items() if p.popen.poll() is not None}
 
 
 def _signal_group(p: subprocess.Popen, sig: int) -> None:

@@ -202,7 +202,8 @@ def plan(model: str | ModelSpec = "llama-3.1-8b", hardware: str | Sequence[str] 
          topologies: Sequence[Topology] | None = None, verify_top: int = 3, refine_routers: Sequence[str] = (
              "least_outstanding",), sim_seconds: float = 20.0, min_requests: int = 200, warmup_frac: float = 0.2,
          prefix_frac: float = 0.4, rank_by: str = "goodput_per_gpu", workers: int | None = None,
-         cache_dir: str | Path | bool | None = True, seed: int = 0, progress: Progress | None = None) -> PlanResult:
+         cache_dir: str | Path | bool | None = True, seed: int = 0, progress: Progress | None = None,
+         ray_address: str | None = None) -> PlanResult:
     """Search topologies within ``gpu_budget`` GPUs for the best goodput per GPU (or cost) under ``slo``.
 
     Two stages. Screen: every candidate's goodput is composed from simulated one-instance rate ladders
@@ -217,7 +218,9 @@ def plan(model: str | ModelSpec = "llama-3.1-8b", hardware: str | Sequence[str] 
     to each probed rate. ``prices``: USD per GPU-hour by device (defaults: the hardware presets'). ``sim_seconds``:
     seconds of arrivals per simulation; ``warmup_frac``: share of them left out of the statistics.
     ``cache_dir``: True = the default cache, None/False = no cache. ``workers``: processes (default: CPUs).
-    ``progress(done, total, what)`` is called as simulation jobs finish.
+    ``progress(done, total, what)`` is called as simulation jobs finish. ``ray_address``: run the simulation jobs as
+    Ray tasks on that cluster ("auto", "local" or "HOST:PORT"; `sim.ray_jobs`) instead of local processes; the
+    result is the same.
 
     Raises ValueError for bad inputs (unknown model, hardware, link, router; budget < 1; a workload that is empty).
     """
@@ -264,7 +267,7 @@ def plan(model: str | ModelSpec = "llama-3.1-8b", hardware: str | Sequence[str] 
     cache = None if cache_dir in (None, False) else (
         default_cache_dir() if cache_dir is True else cast("str | Path", cache_dir))
     runner = Runner(spec, base, slo, table, sim_seconds, min_requests, warmup_frac, prefix_frac, target_rate_rps,
-                    seed, cache, workers)
+                    seed, cache, workers, ray_address)
     mean_output = float(np.mean([r.output_tokens for r in base.requests]))
     opts: _RankOpts = {"price": price, "mean_output": mean_output, "slo": slo, "multi_hw": len(devices) > 1,
                        "multi_link": len(links) > 1}
@@ -289,7 +292,7 @@ def plan(model: str | ModelSpec = "llama-3.1-8b", hardware: str | Sequence[str] 
     stats = {"wall_s": time.perf_counter() - started, "screen_s": screened - started, "topologies": len(results), "skipped": runner.skipped,
              "simulations": runner.sims, "cache_hits": runner.hits, "simulated_requests": runner.requests,
              "instance_ladders": len(runner.curves), "verified": sum(r["method"] == "simulated" for r in rows),
-             "workers": runner.workers}
+             "workers": runner.workers, "ray": ray_address}
     return PlanResult(rows_table(rows), curves_table(rows, runner), rec, settings, stats)
 
 

@@ -55,6 +55,9 @@ def register(app: typer.Typer) -> None:
         cache_dir: Path | None = typer.Option(None, help="Simulation cache (default ~/.cache/disagg/plan)."),
         no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the simulation cache."),
         workers: int | None = typer.Option(None, help="Worker processes (default: CPUs)."),
+        ray: str | None = typer.Option(None, "--ray", metavar="ADDRESS", help="Run the simulations as Ray tasks on "
+                                       "this cluster: auto (the one `ray start` joined here), local (a private "
+                                       "one-machine Ray) or HOST:PORT. Same result as a local run."),
         seed: int = typer.Option(0),
     ) -> None:
         """Find the topology with the best goodput per GPU (or lowest cost) within an SLO and a GPU budget."""
@@ -65,6 +68,7 @@ def register(app: typer.Typer) -> None:
         from sim.cost_profile import CostProfile
         from sim.metrics import SLO
         from sim.plan import plan as run_plan
+        from sim.ray_jobs import RayConnectError, RayUnavailable
 
         try:
             slo = SLO(ttft_ms / 1e3, tpot_ms / 1e3, percentile, attainment)
@@ -74,7 +78,7 @@ def register(app: typer.Typer) -> None:
                       prices=_floats(prices, "--prices"), target_rate_rps=target_rps,
                       links=[x.strip() for x in links.split(",") if x.strip()], tps=_ints(tps, "--tps") or None,
                       max_batch_sizes=_ints(batch_sizes, "--batch-sizes"), rank_by=rank_by, workers=workers,
-                      cache_dir=False if no_cache else (cache_dir or True), seed=seed)
+                      cache_dir=False if no_cache else (cache_dir or True), seed=seed, ray_address=ray)
             if profiles and hardware == "h100-sxm":
                 kw["hardware"] = None  # the profiles name their devices
             with Progress(console=console, transient=True) as bar:
@@ -84,7 +88,7 @@ def register(app: typer.Typer) -> None:
                     bar.update(task, completed=done, total=total, description=what)
 
                 res = run_plan(**kw, progress=progress)  # type: ignore[arg-type]
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, FileNotFoundError, RayUnavailable, RayConnectError) as e:
             fail(str(e))
         rec, st = res.recommendation, res.stats
         console.print(f"[bold]disagg plan[/] — {res.settings['model']} on {', '.join(res.settings['hardware'])}, "
@@ -110,6 +114,7 @@ def register(app: typer.Typer) -> None:
                       "latency / cost Pareto frontier.")
         console.print(f"{st['topologies']} topologies, {st['instance_ladders']} instance ladders, {st['verified']} "
                       f"verified; {st['simulations']} simulations ({st['simulated_requests']:,} requests), "
-                      f"{st['cache_hits']} cache hits, {st['workers']} workers, {st['wall_s']:.1f} s")
+                      f"{st['cache_hits']} cache hits, "
+                      f"{'Ray tasks at ' + ray if ray else str(st['workers']) + ' workers'}, {st['wall_s']:.1f} s")
         if out is not None:
             console.print(f"wrote {res.write(out)}/plan.parquet, curves.parquet, plan.json")

@@ -51,7 +51,8 @@ class Runner:
 
     def __init__(self, model: ModelSpec, base: Workload, slo: SLO, profiles: Mapping[tuple[str, int], CostProfile],
                  sim_seconds: float, min_requests: int, warmup_frac: float, prefix_frac: float,
-                 target_rate_rps: float | None, seed: int, cache_dir: str | Path | None, workers: int | None):
+                 target_rate_rps: float | None, seed: int, cache_dir: str | Path | None, workers: int | None,
+                 ray_address: str | None = None):
         self.model, self.slo, self.profiles = model, slo, profiles
         self.target, self.seed = target_rate_rps, seed
         self.settings = {"sim_seconds": sim_seconds, "min_requests": min_requests, "warmup_frac": warmup_frac,
@@ -66,6 +67,7 @@ class Runner:
         self.longest = int((self.lens.prompt + self.lens.output).max())
         plan_search.set_base_workload(self.base_doc)
         self.workers = max(1, workers or _cpus())
+        self.ray_address = ray_address  # set: jobs run as Ray tasks there (sim.ray_jobs), not in local processes
         self._procs: list[subprocess.Popen] = []
         self.sims = self.hits = self.requests = 0
         self.skipped: list[str] = []
@@ -151,8 +153,8 @@ class Runner:
         self._procs = []
 
     def _run(self, jobs: Sequence[tuple[_K, dict]], progress: Progress | None, what: str) -> dict[_K, dict]:
-        """Run jobs (key, job) and return {key: answer}: inline when one worker or few jobs, else over worker
-        processes, each fed its next job as soon as it answers."""
+        """Run jobs (key, job) and return {key: answer} in job order: inline when one worker or few jobs, else over
+        worker processes (each fed its next job as soon as it answers) or Ray tasks."""
         out: dict[_K, dict] = {}
 
         def done(key: _K, answer: str) -> None:
@@ -166,6 +168,12 @@ class Runner:
             if progress:
                 progress(len(out), len(jobs), what)
 
+        if self.ray_address is not None:
+            from sim import ray_jobs
+
+            ray_jobs.run_jobs(self.ray_address, self.base_doc, [json.dumps(job) for _, job in jobs],
+                              lambda i, answer: done(jobs[i][0], answer))
+            return {key: out[key] for key, _ in jobs}
         if self.workers == 1 or len(jobs) < 3:
             for key, job in jobs:
                 done(key, plan_search.search(json.dumps(job)))
@@ -195,7 +203,7 @@ class Runner:
             raise
         finally:
             sel.close()
-        return out
+        return {key: out[key] for key, _ in jobs}  # in job order, whichever finished first
 
     def screen(self, cands: Sequence[Topology], progress: Progress | None = None) -> list[dict]:
         """Composed goodput of every candidate from simulated one-instance ladders; skipped ones are recorded."""

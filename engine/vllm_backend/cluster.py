@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from engine.cluster import ClusterError, Proc, _tail, resolve_model, stop_processes
+from engine.cluster import ClusterError, Proc, _tail, dead_processes, resolve_model, stop_processes
 from engine.vllm_backend.model_folder import vllm_model_dir
 from sim.topology import Topology
 
@@ -212,6 +212,10 @@ class VllmCluster:
         if self._run_dir is not None and not self.log_dir:
             shutil.rmtree(self._run_dir, ignore_errors=True)
         self._run_dir = None
+
+    def dead(self) -> dict[str, str]:
+        """{name: why} for every process of this cluster that has exited."""
+        return dead_processes(self.procs)
 
     def log_tail(self, name: str, lines: int = 40) -> str:
         return _tail(self.procs[name].log_path, lines)
