@@ -64,7 +64,7 @@ class DecodeInstance:
             raise ValueError(f"{name}: KV capacity {capacity_tokens} tokens is less than one block")
         self.reserved = 0  # blocks held outside the running batch
         self.kv_peak = 0
-        self.batch = RunningBatch(self.block_size)
+        self.batch = RunningBatch(self.block_size, profile.decode_context)
         self.incoming: deque[SimSeq] = deque()  # prefilled elsewhere, waiting for blocks before the KV transfer
         self.ready: deque[SimSeq] = deque()  # KV is here, waiting to join the batch
         self.prefill_q: deque[SimSeq] = deque()  # colocated: waiting for (the rest of) their prefill
@@ -75,6 +75,8 @@ class DecodeInstance:
         self._in_segment = self._interrupted = False
         self._segment_steps = 0
         self._segment_end: simpy.Timeout | None = None
+        self._segment: tuple[float, float, float, int, int, int] = (0.0, 0.0, 0.0, 0, 0, 0)  # t0, base, slope, s0, B, k
+        self._decode_context = profile.decode_context
         self._linear: dict[int, tuple[float, float]] = {}  # batch size -> profile.decode_linear(size)
         self.last_sample_s = -math.inf  # when `SimContext.sample` last sampled this instance
         self._proc = ctx.env.process(self.run())
@@ -124,8 +126,9 @@ class DecodeInstance:
 
     def _join(self, s: SimSeq) -> None:
         """Move ``s`` (context, remaining, last_token_s set) from reserved blocks into the running batch."""
-        if math.isnan(s.rec.decode_start_s):
-            s.rec.decode_start_s = self.ctx.env.now
+        rec = s.rec
+        if rec.decode_start_s != rec.decode_start_s:  # NaN: its first join
+            rec.decode_start_s = self.ctx.env.now
         self.reserved -= s.blocks
         s.blocks = 0
         self.batch.add(s)
@@ -144,41 +147,70 @@ class DecodeInstance:
         self.preempted.appendleft(victim)
 
     # --- transfers in (disaggregated) ------------------------------------------------------------------------------
-    def _poke(self) -> None:
-        if self._wake is not None and not self._wake.triggered:
+    def _poke(self, direct: bool = False) -> None:
+        """New work for the loop: wake it if idle, or cut the decode segment running now (at most once).
+
+        ``direct`` (only from a link's completion callback, see `_cut_to_step_end`): move the loop's wait to the end
+        of the step running now without the URGENT `_Cut` event in between."""
+        if self._in_segment:  # (then the loop is not idle)
+            if not self._interrupted:
+                self._interrupted = True
+                if not (direct and self._cut_to_step_end()):
+                    _Cut(self._proc, cast("simpy.Timeout", self._segment_end))
+        elif self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
-        elif self._in_segment and not self._interrupted:
-            self._interrupted = True
-            _Cut(self._proc, cast("simpy.Timeout", self._segment_end))
+
+    def _cut_to_step_end(self) -> bool:
+        """What `_Cut` + the segment's cut branch do, done now: the loop then waits on a timeout that ends with the
+        step running now and gives it (steps done, their time). The event order is the same as with `_Cut` when
+        nothing is scheduled for a later time between now and the `_Cut` event's turn (first, it is URGENT) -- true
+        in a link's completion callback, whose remaining work (other arrivals on this link, prefill blocks freed)
+        schedules only at ``now``. Returns False, doing nothing, when the step ends at ``now`` (that needs `_Cut`)."""
+        t0, base, slope, s0, size, k = self._segment
+        env = self.ctx.env
+        now = env.now
+        done = min(steps_done_by(now - t0, base, slope, s0, size, k) + 1, k)
+        dur = steps_time(done, base, slope, s0, size)
+        rest = t0 + dur - now
+        if not (rest > 0 and now + rest > now):
+            return False
+        proc, waiting_on = self._proc, cast("simpy.Timeout", self._segment_end)
+        assert waiting_on.callbacks is not None, "the segment's timeout was already processed"
+        waiting_on.callbacks.remove(proc._resume)
+        ev = env.timeout(rest, (done, dur))
+        ev.callbacks.append(proc._resume)
+        proc._target = ev
+        return True
 
     def _start_transfers(self) -> None:
         env, bs, kvb, incoming, link = self.ctx.env, self.block_size, self.ctx.kv_bytes_per_token, self.incoming, self.link
         assert link is not None, f"{self.name}: a KV transfer to an instance without a link"
         while incoming and not self.preempted:
             s = incoming[0]
-            if not self._headroom(blocks_for(s.context + 2, bs)):
+            if not self._headroom(-(-(s.context + 2) // bs)):
                 break
             incoming.popleft()
-            self._reserve(s, blocks_for(s.context + 1, bs))
+            self._reserve(s, -(-(s.context + 1) // bs))
             rec = s.rec
             rec.kv_transfer_start_s = env.now
             rec.kv_bytes = s.context * kvb
-            link.send(rec.kv_bytes, partial(self._arrived, s))
+            # the link calls back from its completion event, except for an empty transfer (at once, from here)
+            link.send(rec.kv_bytes, partial(self._arrived, s, rec.kv_bytes > 0))
 
-    def _arrived(self, s: SimSeq) -> None:
+    def _arrived(self, s: SimSeq, from_link_event: bool) -> None:
         s.rec.kv_transfer_end_s = self.ctx.env.now
         s.prefill_instance.release(s)  # type: ignore[attr-defined]
         self.ready.append(s)
-        self._poke()
+        self._poke(direct=from_link_event)
 
     # --- the instance's loop -----------------------------------------------------------------------------------------
     def run(self):
-        env, batch = self.ctx.env, self.batch
+        env, batch, ready, max_size = self.ctx.env, self.batch, self.ready, self.pool.max_batch_size
         while True:
             if self.preempted and (yield from self._recompute()):
                 continue
-            while self.ready and batch.size < self.pool.max_batch_size:
-                self._join(self.ready.popleft())
+            while ready and batch.size < max_size:
+                self._join(ready.popleft())
             if self.colocated and self.prefill_q:
                 step = self._mixed_iteration if self.pool.chunked_prefill else self._prefill_batch
                 if (yield from step()):
@@ -191,10 +223,11 @@ class DecodeInstance:
             yield from self._decode_segment()
 
     def _after_segment(self, finished: list[SimSeq], t_end: float) -> None:
-        for s in finished:
-            self._finish(s, t_end)
-        if finished and self.incoming:
-            self._start_transfers()
+        if finished:
+            for s in finished:
+                self._finish(s, t_end)
+            if self.incoming:
+                self._start_transfers()
 
     def _recompute(self):
         bs, batch = self.block_size, []
@@ -295,37 +328,40 @@ class DecodeInstance:
         return True
 
     def _decode_segment(self):
-        env, batch = self.ctx.env, self.batch
-        size = batch.size
-        k_fin = batch.steps_to_next_finish()
-        k = batch.steps_fitting(self.kv_capacity - self.reserved, k_fin)
+        ctx, batch = self.ctx, self.batch
+        env, size = ctx.env, batch.size
+        k = batch.steps_fitting(self.kv_capacity - self.reserved, batch.steps_to_next_finish())
         if k == 0:
             self._preempt_one()
             return
-        s0 = batch.first_step_context(self.profile.decode_context)
+        s0 = batch.first_step_context(self._decode_context)
         linear = self._linear.get(size)
         if linear is None:
             linear = self._linear[size] = self.profile.decode_linear(size)
         base, slope = linear
-        stretch = self.ctx.begin_step()  # host CPU contention slows every step of the segment alike
+        stretch = ctx.begin_step()  # host CPU contention slows every step of the segment alike
         if stretch != 1.0:
             base, slope = base * stretch, slope * stretch
         total = steps_time(k, base, slope, s0, size)
         t0 = env.now
-        if t0 - self.last_sample_s >= self.ctx.sample_every_s:
-            self.ctx.sample(self, len(self.ready) + len(self.prefill_q), size)
+        if t0 - self.last_sample_s >= ctx.sample_every_s:
+            ctx.sample(self, len(self.ready) + len(self.prefill_q), size)
         self._in_segment, self._interrupted, self._segment_steps = True, False, k
+        self._segment = (t0, base, slope, s0, size, k)
         self._segment_end = env.timeout(total)
-        if (yield self._segment_end) is _CUT:  # a join: stop at the end of the step running now
+        got = yield self._segment_end
+        if got is None:
+            done, dur = k, total
+        elif got is _CUT:  # a join: stop at the end of the step running now
             done = min(steps_done_by(env.now - t0, base, slope, s0, size, k) + 1, k)
             dur = steps_time(done, base, slope, s0, size)
             rest = t0 + dur - env.now
             if rest > 0:
                 yield env.timeout(rest)
-        else:
-            done, dur = k, total
+        else:  # cut by `_cut_to_step_end`: the step running then has just ended
+            done, dur = got
         self._in_segment, self._segment_end = False, None
-        self.ctx.end_step()
+        ctx.end_step()
         self.busy_s += dur
         t_end = t0 + dur
         finished = batch.advance(done, t0 + base + slope * s0, base + slope * (s0 + (done - 1) * size), t_end)

@@ -80,51 +80,53 @@ class PrefillInstance:
             self._freed.succeed()
 
     def run(self):
-        env, pool, bs = self.ctx.env, self.pool, self.blocks.block_size
+        env, ctx, pool, blocks, queue = self.ctx.env, self.ctx, self.pool, self.blocks, self.queue
+        bs, max_size, max_tokens = blocks.block_size, pool.max_batch_size, pool.max_batch_tokens
         while True:
-            if self.queue:
-                head = yield env.timeout(0, self.queue.popleft())
+            if queue:
+                head = yield env.timeout(0, queue.popleft())
             else:
                 self._getter = env.event()
                 head = yield self._getter
-            need = blocks_for(head.rec.prompt_tokens, bs)
-            while need > self.blocks.free:
+            tokens = head.rec.prompt_tokens
+            need = blocks_for(tokens, bs)
+            while need > blocks.free:
                 self._freed = env.event()
                 yield self._freed
-            batch, tokens = [head], head.rec.prompt_tokens
-            self.blocks.take(need)
+            batch = [head]
+            blocks.take(need)
             head.src_blocks = need
-            items = self.queue
-            while items and len(batch) < pool.max_batch_size:
-                nxt = items[0]
-                need = blocks_for(nxt.rec.prompt_tokens, bs)
-                if tokens + nxt.rec.prompt_tokens > pool.max_batch_tokens or need > self.blocks.free:
+            while queue and len(batch) < max_size:
+                nxt = queue[0]
+                n = nxt.rec.prompt_tokens
+                need = blocks_for(n, bs)
+                if tokens + n > max_tokens or need > blocks.free:
                     break
-                items.popleft()
-                self.blocks.take(need)
+                queue.popleft()
+                blocks.take(need)
                 nxt.src_blocks = need
                 batch.append(nxt)
-                tokens += nxt.rec.prompt_tokens
+                tokens += n
             start = env.now
             for s in batch:
                 s.rec.prefill_start_s = start
-            if start - self.last_sample_s >= self.ctx.sample_every_s:
-                self.ctx.sample(self, len(items), len(batch))
-            dur = self.profile.prefill_s([s.rec.prompt_tokens for s in batch]) * self.ctx.begin_step()
+            if start - self.last_sample_s >= ctx.sample_every_s:
+                ctx.sample(self, len(queue), len(batch))
+            dur = self.profile.prefill_s([s.rec.prompt_tokens for s in batch]) * ctx.begin_step()
             yield env.timeout(dur)
-            self.ctx.end_step()
+            ctx.end_step()
             self.busy_s += dur
             end = env.now
             for s in batch:
-                s.rec.prefill_end_s = s.rec.first_token_s = s.last_token_s = end
-                s.context = s.rec.prompt_tokens
-                s.remaining = s.rec.output_tokens - 1
+                rec = s.rec
+                rec.prefill_end_s = rec.first_token_s = s.last_token_s = end
+                s.context = rec.prompt_tokens
+                s.remaining = rec.output_tokens - 1
                 if s.remaining == 0:
                     self.release(s)
                     s.decode_instance.outstanding -= 1
-                    self.ctx.finish(s, end)
+                    ctx.finish(s, end)
                 else:
                     s.decode_instance.receive(s)
-            if end - self.last_sample_s >= self.ctx.sample_every_s:
-                self.ctx.sample(self, len(self.queue), 0)
-
+            if end - self.last_sample_s >= ctx.sample_every_s:
+                ctx.sample(self, len(queue), 0)

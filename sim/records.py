@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
+from operator import attrgetter
 
 import pyarrow as pa
 
@@ -65,9 +66,9 @@ RECORD_SCHEMA = pa.schema([(f.name, _TYPES[{"int": int, "float": float, "str": s
 
 def records_to_table(records: Iterable[RequestRecord]) -> pa.Table:
     """Records (any order) as a pyarrow Table with `RECORD_SCHEMA`, sorted by request id."""
-    rows = sorted(records, key=lambda r: r.request_id)
-    return pa.table({name: pa.array([getattr(r, name) for r in rows], type=RECORD_SCHEMA.field(name).type)
-                     for name in RECORD_FIELDS}, schema=RECORD_SCHEMA)
+    rows = sorted(records, key=attrgetter("request_id"))
+    return pa.table([pa.array(list(map(attrgetter(f.name), rows)), type=f.type) for f in RECORD_SCHEMA],
+                    schema=RECORD_SCHEMA)
 
 
 def table_to_records(table: pa.Table) -> list[RequestRecord]:

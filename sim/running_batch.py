@@ -74,8 +74,9 @@ def blocks_for(tokens: int, block_size: int) -> int:
 class RunningBatch:
     """The sequences decoding together on one instance (see the module docstring for the representation)."""
 
-    def __init__(self, block_size: int):
+    def __init__(self, block_size: int, decode_context: str = "sum"):
         self.bs = block_size
+        self._padded = decode_context == "padded"  # the longest context matters (else its heap is not kept)
         self.g = 0
         self.size = 0
         self.sum_base = 0
@@ -94,38 +95,41 @@ class RunningBatch:
     # --- membership ------------------------------------------------------------------------------------------------
     def add(self, s: SimSeq) -> None:
         """``s`` (context, remaining, last_token_s set) joins; it holds ceil((context + 1) / bs) blocks from now."""
-        s.base = s.context - self.g
-        s.finish_g = self.g + s.remaining
+        g, bs = self.g, self.bs
+        s.base = base = s.context - g
+        s.finish_g = g + s.remaining
         s.joined_seg = self._seg
         s.member = True
-        q, r = divmod(s.base + self.bs, self.bs)
+        q, r = divmod(base + bs, bs)
         self._q_sum += q
         self._r_count[r] += 1
-        self._blocks += -(-(s.context + 1) // self.bs)
-        self.sum_base += s.base
+        self._blocks += -(-(s.context + 1) // bs)
+        self.sum_base += base
         self.size += 1
         self._members[id(s)] = s
         self._new.append(s)
         heapq.heappush(self._heap, (s.finish_g, s.order, s))
-        heap = self._max_heap
-        if len(heap) > 2 * self.size + 64:  # drop the entries of members gone (it is only cleaned lazily)
-            heap[:] = [e for e in heap if e[2].member and e[2].base == -e[0]]
-            heapq.heapify(heap)
-        heapq.heappush(heap, (-s.base, s.order, s))
+        if self._padded:
+            heap = self._max_heap
+            if len(heap) > 2 * self.size + 64:  # drop the entries of members gone (it is only cleaned lazily)
+                heap[:] = [e for e in heap if e[2].member and e[2].base == -e[0]]
+                heapq.heapify(heap)
+            heapq.heappush(heap, (-base, s.order, s))
 
     def remove(self, s: SimSeq) -> None:
         """``s`` leaves (finished or preempted): its context, remaining and max gap are written back to it."""
-        s.context = s.base + self.g
-        s.remaining = s.finish_g - self.g
+        g, bs, base = self.g, self.bs, s.base
+        s.context = base + g
+        s.remaining = s.finish_g - g
         if s.joined_seg < self._seg:  # it ran at least one segment here
             s.rec.max_itl_s = max(s.rec.max_itl_s, self._suffix_max(s.joined_seg + 2))
             s.last_token_s = self.last_token_s
         s.member = False
-        q, r = divmod(s.base + self.bs, self.bs)
+        q, r = divmod(base + bs, bs)
         self._q_sum -= q
         self._r_count[r] -= 1
-        self._blocks -= -(-(s.context + 1) // self.bs)
-        self.sum_base -= s.base
+        self._blocks -= -(-(s.context + 1) // bs)
+        self.sum_base -= base
         self.size -= 1
         del self._members[id(s)]
 
@@ -171,6 +175,7 @@ class RunningBatch:
         batch x the longest attention length for ``"padded"``. Either grows by exactly ``size`` per step."""
         if mode == "sum":
             return self.sum_base + self.size * (self.g + 1)
+        assert self._padded, "first_step_context('padded') on a batch not made with decode_context='padded'"
         heap = self._max_heap
         while heap and not (heap[0][2].member and heap[0][2].base == -heap[0][0]):
             heapq.heappop(heap)
@@ -183,34 +188,33 @@ class RunningBatch:
         seg_gap = first_end - self.last_token_s  # the continuing members' gap into this segment
         if done > 1 and last_step > seg_gap:
             seg_gap = last_step
-        for s in self._new:  # joined since the last segment: the gap since its own last token
-            if s.member:
-                gap = first_end - s.last_token_s
-                if done > 1 and last_step > gap:
-                    gap = last_step
-                if gap > s.rec.max_itl_s:
-                    s.rec.max_itl_s = gap
-        self._new.clear()
+        if self._new:
+            for s in self._new:  # joined since the last segment: the gap since its own last token
+                if s.member:
+                    gap = first_end - s.last_token_s
+                    if done > 1 and last_step > gap:
+                        gap = last_step
+                    if gap > s.rec.max_itl_s:
+                        s.rec.max_itl_s = gap
+            self._new.clear()
         self._seg += 1
-        self._push(self._seg, seg_gap)
-        self.g += done
-        self._blocks = self.blocks_at(self.g)
+        vals, idx = self._stack_val, self._stack_idx  # push (seg, seg_gap) on the suffix-max stack
+        while vals and vals[-1] <= seg_gap:
+            vals.pop()
+            idx.pop()
+        idx.append(self._seg)
+        vals.append(seg_gap)
+        self.g = g = self.g + done
+        self._blocks = self.blocks_at(g)
         self.last_token_s = t_end
         finished = []
         heap = self._heap
-        while heap and (not heap[0][2].member or heap[0][0] <= self.g):
+        while heap and (heap[0][0] <= g or not heap[0][2].member):
             s = heapq.heappop(heap)[2]
             if s.member:
                 self.remove(s)
                 finished.append(s)
         return finished
-
-    def _push(self, idx: int, val: float) -> None:
-        while self._stack_val and self._stack_val[-1] <= val:
-            self._stack_val.pop()
-            self._stack_idx.pop()
-        self._stack_idx.append(idx)
-        self._stack_val.append(val)
 
     def _suffix_max(self, start: int) -> float:
         i = bisect_left(self._stack_idx, start)
