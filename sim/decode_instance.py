@@ -185,9 +185,11 @@ class DecodeInstance:
     def _start_transfers(self) -> None:
         env, bs, kvb, incoming, link = self.ctx.env, self.block_size, self.ctx.kv_bytes_per_token, self.incoming, self.link
         assert link is not None, f"{self.name}: a KV transfer to an instance without a link"
+        batch = self.batch
+        planned = batch.blocks_at(batch.g + (self._segment_steps if self._in_segment else 1))  # as in `_headroom`
         while incoming and not self.preempted:
             s = incoming[0]
-            if not self._headroom(-(-(s.context + 2) // bs)):
+            if -(-(s.context + 2) // bs) + self.reserved + planned > self.kv_capacity:  # no `_headroom`
                 break
             incoming.popleft()
             self._reserve(s, -(-(s.context + 1) // bs))

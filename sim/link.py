@@ -32,12 +32,9 @@ class SharedLink:
         self.bytes_moved += nbytes
         if self.latency_s > 0:
             ev = self.env.timeout(self.latency_s)
-            ev.callbacks.append(partial(self._latency_over, nbytes, on_done))
+            ev.callbacks.append(partial(self._join, nbytes, on_done))
         else:
             self._join(nbytes, on_done)
-
-    def _latency_over(self, nbytes: float, on_done: Callable[[], None], _ev: simpy.Event) -> None:
-        self._join(nbytes, on_done)
 
     def _advance(self) -> None:
         now = self.env.now
@@ -49,7 +46,7 @@ class SharedLink:
                 entry[0] -= moved
         self._last = now
 
-    def _join(self, nbytes: float, on_done: Callable[[], None]) -> None:
+    def _join(self, nbytes: float, on_done: Callable[[], None], _latency_over: simpy.Event | None = None) -> None:
         self._advance()
         if nbytes <= 0:
             on_done()

@@ -4,17 +4,19 @@ Each request's KV blocks are held from its prefill start until its KV has fully 
 A batch waits when the head request's blocks are not free. After a batch the first token of each request is sampled
 (``first_token_s = prefill_end_s``); a request with one output token finishes here, the others start their KV transfer.
 
-The queue is a deque with the event order of a ``simpy.Store`` (same simulated behaviour, ties included), minus the
-Store's put event per request: an idle instance waits on a get event that a hand-over event triggers with the head
-request (as the Store's put event would), and a busy one takes its next head through an immediate timeout (as the
-Store's already-satisfied get would).
+The queue is a deque with the event order of a ``simpy.Store`` (same simulated behaviour, ties included) and fewer
+events. The Store: a put event per request; when it is processed, a waiting get takes the head and is triggered; a get
+made while requests wait takes the head at once and is triggered. Here: an idle instance waits on an event that the
+first request's arrival triggers (where the Store's put event would be); whenever the instance takes the head, it then
+yields an immediate timeout (where the Store's get event would be) -- unless nothing else is due now, when that
+timeout would be processed next anyway.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import simpy
 
@@ -35,8 +37,7 @@ class PrefillInstance:
         self.outstanding = 0
         self.busy_s = 0.0
         self._freed: simpy.Event | None = None
-        self._getter: simpy.Event | None = None  # idle: the process waits on it for the next head request
-        self._handing_over = False
+        self._getter: simpy.Event | None = None  # idle: the process waits on it for a request
         self.last_sample_s = -math.inf  # when `SimContext.sample` last sampled this instance
         ctx.env.process(self.run())
 
@@ -60,16 +61,8 @@ class PrefillInstance:
     def submit(self, seq: SimSeq) -> None:
         self.outstanding += 1
         self.queue.append(seq)
-        if self._getter is not None and not self._handing_over:
-            self._handing_over = True
-            ev = simpy.Event(self.ctx.env)
-            ev.callbacks.append(self._hand_over)
-            ev.succeed()
-
-    def _hand_over(self, _ev: simpy.Event) -> None:
-        getter = cast("simpy.Event", self._getter)
-        self._getter, self._handing_over = None, False
-        getter.succeed(self.queue.popleft())
+        if self._getter is not None and not self._getter.triggered:
+            self._getter.succeed()
 
     def release(self, seq: SimSeq) -> None:
         """The request's KV left this instance (transfer done, or finished here)."""
@@ -83,11 +76,13 @@ class PrefillInstance:
         env, ctx, pool, blocks, queue = self.ctx.env, self.ctx, self.pool, self.blocks, self.queue
         bs, max_size, max_tokens = blocks.block_size, pool.max_batch_size, pool.max_batch_tokens
         while True:
-            if queue:
-                head = yield env.timeout(0, queue.popleft())
-            else:
+            if not queue:
                 self._getter = env.event()
-                head = yield self._getter
+                yield self._getter
+                self._getter = None
+            head = queue.popleft()
+            if env.peek() <= env.now:  # let what else is due now run first, as the Store's get event would
+                yield env.timeout(0)
             tokens = head.rec.prompt_tokens
             need = blocks_for(tokens, bs)
             while need > blocks.free:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,7 +54,7 @@ class SimContext:
         self.records: list[RequestRecord] = []
         self.finished = 0
         self.sample_every_s = sample_every_s
-        self._ts: list[tuple] = []
+        self._ts: tuple[list, ...] = tuple([] for _ in TIMESERIES_SCHEMA)  # one list per column
         self.host: HostCPU | None = None
         self.busy = 0  # instances in a timed step right now
 
@@ -78,12 +78,16 @@ class SimContext:
         """Record ``inst``'s queue, batch and KV use now. The instances call this only when ``sample_every_s`` has
         passed since their ``last_sample_s``."""
         now = inst.last_sample_s = self.env.now  # type: ignore[attr-defined]
-        self._ts.append((now, inst.name, queue, batch, inst.kv_used, inst.kv_capacity))  # type: ignore[attr-defined]
+        t, names, queues, batches, used, capacity = self._ts
+        t.append(now)
+        names.append(inst.name)  # type: ignore[attr-defined]
+        queues.append(queue)
+        batches.append(batch)
+        used.append(inst.kv_used)  # type: ignore[attr-defined]
+        capacity.append(inst.kv_capacity)  # type: ignore[attr-defined]
 
     def timeseries(self) -> pa.Table:
-        cols: Sequence[Sequence[object]] = list(zip(*self._ts, strict=False)) if self._ts else \
-            [[] for _ in TIMESERIES_SCHEMA]
-        return pa.table({f.name: pa.array(list(c), f.type) for f, c in zip(TIMESERIES_SCHEMA, cols, strict=False)},
+        return pa.table([pa.array(c, f.type) for f, c in zip(TIMESERIES_SCHEMA, self._ts, strict=True)],
                         schema=TIMESERIES_SCHEMA)
 
 
