@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(PY) bench/calibrate_bench.py
 	$(PY) bench/engine_bench.py
 	$(PY) bench/plan_bench.py
+	$(PY) bench/ray_bench.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sim

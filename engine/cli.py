@@ -135,7 +135,12 @@ def register(app: typer.Typer) -> None:
                                       max_batch_tokens=max_batch_tokens)
             except ValueError as e:
                 fail(str(e))
-            serve_vllm(model, topo, host, port, records, log_dir, threads, vllm_kv_gib, vllm_eager)
+            try:
+                role_res = parse_role_resources(ray_resources)
+            except ValueError as e:
+                fail(str(e))
+            serve_vllm(model, topo, host, port, records, log_dir, threads, vllm_kv_gib, vllm_eager, ray, role_res,
+                       worker_host)
             return
         if backend != "builtin":
             fail(f"--backend must be builtin or vllm, got {backend!r}")

@@ -41,7 +41,7 @@ from sim import ray_jobs
 from sim.ray_jobs import RayUnavailable, import_ray
 
 log = logging.getLogger(__name__)
-__all__ = ["RayCluster", "RayUnavailable", "WorkerActor", "connect"]
+__all__ = ["ActorGroup", "RayCluster", "RayUnavailable", "WorkerActor", "connect"]
 LOG_LINES = 200
 
 
@@ -108,101 +108,87 @@ class WorkerActor:
         return "\n".join(list(self._tail.lines)[-lines:])
 
 
-class RayCluster(Cluster):
-    """`Cluster` whose workers are Ray actors. Extra keywords: ``address`` (see `connect`), ``role_resources``
-    ({role: custom resource name}, one unit per worker), ``worker_host`` (address workers bind; default the node's
-    IP as Ray sees it). ``transport`` defaults to tcp (shm only within one machine)."""
+class ActorGroup:
+    """A launch's actors on Ray: placed by role (CPUs, a GPU, one unit of the role's custom resource), named in a
+    fresh namespace and found there again by name, each running a blocking ``run`` whose end Ray reports. Shared by
+    the built-in engine's `RayCluster` and the vLLM backend's. Actor classes need ``info``, ``run``, ``stop`` and
+    ``log_tail`` methods."""
 
-    def __init__(self, model: str | Path, topology, *, address: str | None = "auto",
-                 role_resources: dict[str, str] | None = None, worker_host: str | None = None,
-                 transport: str = "tcp", **kw: object):
-        super().__init__(model, topology, transport=transport, **kw)  # type: ignore[arg-type]
+    def __init__(self, address: str | None, role_resources: dict[str, str] | None, cpus: int, gpus: int = 0):
         unknown = set(role_resources or {}) - {"prefill", "decode", "colocated"}
         if unknown:
             raise ValueError(f"role_resources: unknown role(s) {sorted(unknown)} (prefill, decode, colocated)")
-        self.address, self.role_resources, self.worker_host = address, dict(role_resources or {}), worker_host
+        self.address, self.role_resources, self.cpus, self.gpus = address, dict(role_resources or {}), cpus, gpus
         self.actors: dict[str, object] = {}
+        self.placement: dict[str, dict] = {}
         self._runs: dict[str, object] = {}
         self._deaths: dict[str, str] = {}
         self.namespace = ""
-        self.placement: dict[str, dict] = {}
 
-    def _launch_workers(self, model_dir: Path, env: dict) -> list[tuple[WorkerSpec, dict]]:
-        ray = connect(self.address)
-        self.namespace = f"disagg-{secrets.token_hex(4)}"
-        shared = os.environ.get(SECRET_ENV)
-        secret_hex = None if shared else env[SECRET_ENV]
-        if shared:
-            env[SECRET_ENV] = shared  # the router uses the nodes' pre-shared secret too
-        short = self._shortfall(ray)
+    def ray(self):
+        return connect(self.address)
+
+    def check_fits(self, roles: dict[str, int], what: str) -> None:
+        """Raise ClusterError at once when ``roles`` ({role: actors}) ask for more than the whole cluster has."""
+        need: dict[str, float] = {}
+        for role, n in roles.items():
+            asks = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
+            if role in self.role_resources:
+                asks[self.role_resources[role]] = 1
+            for k, v in asks.items():
+                need[k] = need.get(k, 0) + v * n
+        have = self.ray().cluster_resources()
+        short = ", ".join(f"{v:g} {k} (the cluster has {have.get(k, 0):g})" for k, v in need.items()
+                          if have.get(k, 0) < v)
         if short:
-            raise ClusterError(f"{self.topology.label}: the worker actors need {short}; add nodes or start them "
-                               "with more (ray start --num-cpus N --resources '{\"prefill\": N}'), or use fewer "
-                               "instances / --threads")
-        remote = ray.remote(WorkerActor)
-        specs: list[WorkerSpec] = []
-        for pool in self.topology.pools:
-            for i in range(pool.instances):
-                spec = replace(self._worker_spec(pool, f"{pool.role[0].upper()}{i}", model_dir),
-                               host=self.worker_host or "", ready_path="", parent_pid=0)
-                opts: dict = {"name": spec.name, "namespace": self.namespace, "num_cpus": self.threads,
-                              "max_concurrency": 4, "max_restarts": 0,
-                              "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(self.threads),
-                                                           "MKL_NUM_THREADS": str(self.threads)}}}
-                if self.device.startswith("cuda"):
-                    opts["num_gpus"] = 1
-                if pool.role in self.role_resources:
-                    opts["resources"] = {self.role_resources[pool.role]: 1}
-                actor = remote.options(**opts).remote(spec.to_json(), str(self.model), secret_hex, self.log_level)
-                self.actors[spec.name] = actor
-                specs.append(spec)
-        # Discovery: the actors are found by name in this launch's namespace, as any other Ray client would.
+            raise ClusterError(f"{what}: the actors need {short}; add nodes or start them with more (ray start "
+                               "--num-cpus N --resources '{\"prefill\": N}'), or use fewer instances / --threads")
+
+    def create(self, cls: type, name: str, role: str, *args: object) -> None:
+        """Create actor ``name`` of ``cls`` (made remote here) with the role's resource requests."""
+        ray = self.ray()
+        if not self.namespace:
+            self.namespace = f"disagg-{secrets.token_hex(4)}"
+        opts: dict = {"name": name, "namespace": self.namespace, "num_cpus": self.cpus, "max_concurrency": 4,
+                      "max_restarts": 0, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(self.cpus),
+                                                                      "MKL_NUM_THREADS": str(self.cpus)}}}
+        if self.gpus:
+            opts["num_gpus"] = self.gpus
+        if role in self.role_resources:
+            opts["resources"] = {self.role_resources[role]: 1}
+        self.actors[name] = ray.remote(cls).options(**opts).remote(*args)
+
+    def start(self, timeout_s: float) -> dict[str, dict]:
+        """Find every created actor by name in the namespace (discovery through Ray), wait for each one's ``info``
+        (its constructor done), start its ``run``; {name: info}. Raises ClusterError naming the actor."""
+        ray = self.ray()
         names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == self.namespace}
-        missing = sorted({s.name for s in specs} - names)
+        missing = sorted(set(self.actors) - names)
         if missing:
-            raise ClusterError(f"Ray did not register worker actor(s) {missing} in namespace {self.namespace}")
-        handles = {s.name: ray.get_actor(s.name, namespace=self.namespace) for s in specs}
-        pending = {handles[s.name].info.remote(): s.name for s in specs}
-        deadline = time.monotonic() + self.startup_timeout_s
+            raise ClusterError(f"Ray did not register actor(s) {missing} in namespace {self.namespace}")
+        handles = {n: ray.get_actor(n, namespace=self.namespace) for n in self.actors}
+        pending = {h.info.remote(): n for n, h in handles.items()}
+        deadline = time.monotonic() + timeout_s
         infos: dict[str, dict] = {}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                raise ClusterError(f"worker actor(s) {sorted(pending.values())} not ready after "
-                                   f"{self.startup_timeout_s:g} s (Ray may still be placing them; cluster resources "
-                                   f"now {ray.available_resources()})")
+                raise ClusterError(f"actor(s) {sorted(pending.values())} not ready after {timeout_s:g} s (Ray may "
+                                   f"still be placing them; free resources now {ray.available_resources()})")
             name = pending.pop(ready[0])
             try:
                 infos[name] = ray.get(ready[0])
             except ray.exceptions.RayError as e:
-                raise ClusterError(f"worker actor {name} failed to start: {e}") from None
-        for s in specs:
-            self._runs[s.name] = handles[s.name].run.remote()
-            self.placement[s.name] = {k: infos[s.name][k] for k in ("node_id", "node_ip", "pid")}
-        return [(replace(s, host=infos[s.name]["node_ip"]), infos[s.name]) for s in specs]
-
-    def _demand(self) -> dict[str, float]:
-        """Resources all the worker actors ask Ray for together."""
-        need: dict[str, float] = {}
-        for pool in self.topology.pools:
-            asks = {"CPU": self.threads, **({"GPU": 1} if self.device.startswith("cuda") else {})}
-            if pool.role in self.role_resources:
-                asks[self.role_resources[pool.role]] = 1
-            for k, v in asks.items():
-                need[k] = need.get(k, 0) + v * pool.instances
-        return need
-
-    def _shortfall(self, ray) -> str:
-        """What the actors ask for beyond what the whole cluster has ("" when it all fits)."""
-        have = ray.cluster_resources()
-        return ", ".join(f"{v:g} {k} (the cluster has {have.get(k, 0):g})" for k, v in self._demand().items()
-                         if have.get(k, 0) < v)
+                raise ClusterError(f"actor {name} failed to start: {e}") from None
+        for name, h in handles.items():
+            self._runs[name] = h.run.remote()
+            self.placement[name] = {k: infos[name][k] for k in ("node_id", "node_ip", "pid")}
+        return infos
 
     def dead(self) -> dict[str, str]:
-        """{name: why} for the router if it exited and for every worker actor Ray reports finished or dead."""
-        out = super().dead()
+        """{name: why} for every actor whose ``run`` ended: "stopped (...)" or "died (Ray: cause)"."""
         if not self._runs:
-            return out
+            return dict(self._deaths)
         ray = import_ray()
         done, _ = ray.wait(list(self._runs.values()), num_returns=len(self._runs), timeout=0)
         for name, ref in self._runs.items():
@@ -212,12 +198,83 @@ class RayCluster(Cluster):
                 except ray.exceptions.RayError as e:
                     first = str(e).strip().splitlines()
                     self._deaths[name] = f"died (Ray: {first[0] if first else type(e).__name__})"
-        return {**out, **self._deaths}
+        return dict(self._deaths)
+
+    def kill(self, name: str) -> None:
+        import_ray().kill(self.actors[name], no_restart=True)
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        ray = import_ray()
+        try:
+            return ray.get(self.actors[name].log_tail.remote(lines), timeout=5)  # type: ignore[attr-defined]
+        except ray.exceptions.GetTimeoutError:
+            return "(no log: the actor did not answer in 5 s)"
+        except ray.exceptions.RayError as e:
+            return f"(no log: the actor is gone: {str(e).strip().splitlines()[0] if str(e).strip() else e})"
+
+    def stop(self, timeout_s: float) -> None:
+        """Ask every live actor to stop, wait up to ``timeout_s`` for their ``run`` to end, kill them all."""
+        if not self.actors:
+            return
+        ray = import_ray()
+        for name, a in self.actors.items():
+            if name not in self._deaths:
+                with contextlib.suppress(ray.exceptions.RayError):
+                    a.stop.remote()  # type: ignore[attr-defined]
+        if self._runs:
+            ray.wait(list(self._runs.values()), num_returns=len(self._runs), timeout=timeout_s)
+        for a in self.actors.values():
+            with contextlib.suppress(ray.exceptions.RayError, ValueError):
+                ray.kill(a, no_restart=True)
+        self.actors, self._runs = {}, {}
+
+
+class RayCluster(Cluster):
+    """`Cluster` whose workers are Ray actors. Extra keywords: ``address`` (see `connect`), ``role_resources``
+    ({role: custom resource name}, one unit per worker), ``worker_host`` (address workers bind; default the node's
+    IP as Ray sees it). ``transport`` defaults to tcp (shm only within one machine)."""
+
+    def __init__(self, model: str | Path, topology, *, address: str | None = "auto",
+                 role_resources: dict[str, str] | None = None, worker_host: str | None = None,
+                 transport: str = "tcp", **kw: object):
+        super().__init__(model, topology, transport=transport, **kw)  # type: ignore[arg-type]
+        self.group = ActorGroup(address, role_resources, self.threads, 1 if self.device.startswith("cuda") else 0)
+        self.worker_host = worker_host
+
+    @property
+    def placement(self) -> dict[str, dict]:
+        """{worker: {node_id, node_ip, pid}} where Ray placed each worker actor."""
+        return self.group.placement
+
+    @property
+    def actors(self) -> dict[str, object]:
+        return self.group.actors
+
+    def _launch_workers(self, model_dir: Path, env: dict) -> list[tuple[WorkerSpec, dict]]:
+        shared = os.environ.get(SECRET_ENV)
+        secret_hex = None if shared else env[SECRET_ENV]
+        if shared:
+            env[SECRET_ENV] = shared  # the router uses the nodes' pre-shared secret too
+        self.group.check_fits({p.role: p.instances for p in self.topology.pools}, self.topology.label)
+        specs: list[WorkerSpec] = []
+        for pool in self.topology.pools:
+            for i in range(pool.instances):
+                spec = replace(self._worker_spec(pool, f"{pool.role[0].upper()}{i}", model_dir),
+                               host=self.worker_host or "", ready_path="", parent_pid=0)
+                self.group.create(WorkerActor, spec.name, pool.role, spec.to_json(), str(self.model), secret_hex,
+                                  self.log_level)
+                specs.append(spec)
+        infos = self.group.start(self.startup_timeout_s)
+        return [(replace(s, host=infos[s.name]["node_ip"]), infos[s.name]) for s in specs]
+
+    def dead(self) -> dict[str, str]:
+        """{name: why} for the router if it exited and for every worker actor Ray reports finished or dead."""
+        return {**super().dead(), **self.group.dead()}
 
     def kill(self, name: str, sig: int = 9) -> None:
         """Kill a worker actor through Ray (``name`` a worker) or signal the router's process group."""
-        if name in self.actors:
-            import_ray().kill(self.actors[name], no_restart=True)
+        if name in self.group.actors:
+            self.group.kill(name)
         else:
             super().kill(name, sig)
 
@@ -225,31 +282,9 @@ class RayCluster(Cluster):
         return int(self.placement[name]["pid"]) if name in self.placement else super().pid(name)
 
     def log_tail(self, name: str, lines: int = 40) -> str:
-        if name not in self.actors:
-            return super().log_tail(name, lines)
-        ray = import_ray()
-        try:
-            return ray.get(self.actors[name].log_tail.remote(lines), timeout=5)  # type: ignore[attr-defined]
-        except ray.exceptions.RayError as e:
-            return f"(no log: the actor is gone: {str(e).strip().splitlines()[0] if str(e).strip() else e})"
-        except ray.exceptions.GetTimeoutError:
-            return "(no log: the actor did not answer in 5 s)"
+        return self.group.log_tail(name, lines) if name in self.group.actors else super().log_tail(name, lines)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the router (as `Cluster.stop`), ask every actor to stop, wait up to ``timeout_s``, kill the rest."""
+        """Stop the router (as `Cluster.stop`), then the worker actors (`ActorGroup.stop`)."""
         super().stop(timeout_s)
-        if not self.actors:
-            return
-        ray = import_ray()
-        for name, a in self.actors.items():
-            if name not in self._deaths:
-                try:
-                    a.stop.remote()  # type: ignore[attr-defined]
-                except ray.exceptions.RayError:
-                    pass
-        if self._runs:
-            ray.wait(list(self._runs.values()), num_returns=len(self._runs), timeout=timeout_s)
-        for a in self.actors.values():
-            with contextlib.suppress(ray.exceptions.RayError, ValueError):
-                ray.kill(a, no_restart=True)
-        self.actors, self._runs = {}, {}
+        self.group.stop(timeout_s)

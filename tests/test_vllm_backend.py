@@ -121,3 +121,30 @@ def test_nixl_1p1d_equals_plain_vllm_token_for_token(plain_2c, nixl_1p1d):
     assert _metric(metrics["D0"], "vllm:nixl_num_failed_transfers_total") == 0
     for rec, p in zip(recs, PROMPTS):
         _check_record(rec, p, disaggregated=True)
+
+
+def test_nixl_1p1d_on_ray_across_two_nodes_equals_plain_vllm(plain_2c, two_nodes, tiny_model_dir):
+    """vLLM instances as Ray actors, the prefill one on the ``prefill`` node and the decode one on the ``decode``
+    node (both on this machine), KV over NIXL between them: same tokens as plain vLLM; a killed actor is reported."""
+    import time
+
+    from engine.cli import parse_topology
+    from engine.vllm_backend.ray_instances import VllmRayCluster
+    from engine.vllm_backend.serve import vllm_topology
+
+    topo = vllm_topology(parse_topology("1P1D", max_batch_size=8))
+    with VllmRayCluster(tiny_model_dir, topo, address=two_nodes, role_resources={"prefill": "prefill",
+                        "decode": "decode"}, model_name="tiny", kv_cache_gib=1, max_model_len=512, dtype=DTYPE,
+                        startup_timeout_s=400) as c:
+        assert c.placement["P0"]["node_id"] != c.placement["D0"]["node_id"]
+        outs = [_complete(c.url, p, stream=bool(i % 2))[0] for i, p in enumerate(PROMPTS)]
+        assert outs == plain_2c[0]
+        assert _metric(httpx.get(f"{c.instances[1]['url']}/metrics", timeout=30).text,
+                       "vllm:nixl_bytes_transferred_sum") > 0
+        assert c.dead() == {}
+        c.kill("D0")
+        deadline = time.monotonic() + 30
+        while "D0" not in c.dead():
+            assert time.monotonic() < deadline, "Ray did not report the killed vLLM actor"
+            time.sleep(0.5)
+        assert c.dead()["D0"].startswith("died (Ray")

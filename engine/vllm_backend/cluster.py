@@ -145,45 +145,57 @@ class VllmCluster:
                                    f"{_tail(p.log_path)}")
             time.sleep(0.5)
 
+    def vllm_env(self) -> dict[str, str]:
+        """The environment settings every instance gets on top of its own environment."""
+        return {"VLLM_CPU_KVCACHE_SPACE": str(int(self.kv_cache_gib)), "OMP_NUM_THREADS": str(self.threads),
+                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+                "VLLM_LOGGING_LEVEL": "INFO" if self.iteration_details else os.environ.get("VLLM_LOGGING_LEVEL",
+                                                                                           "WARNING"),
+                **self.extra_env}
+
+    def server_kw(self, pool, max_len: int) -> dict:  # noqa: ANN001 - a PoolSpec
+        """`server_argv` keywords for an instance of ``pool`` (all but the model, name, host, port, python)."""
+        return {"block_size": pool.block_size_tokens, "max_num_seqs": pool.max_batch_size,
+                "max_num_batched_tokens": pool.max_batch_tokens, "max_model_len": max_len, "dtype": self.dtype,
+                "enforce_eager": self.enforce_eager, "seed": self.seed,
+                "nixl": pool.role if self.topology.kind == "disaggregated" else "",
+                "iteration_details": self.iteration_details}
+
+    def _launch_instances(self, model_dir: Path, max_len: int, deadline: float) -> None:
+        """Start every instance as a local process (OpenMP threads bound to its own cores when there are enough),
+        wait until each answers /health; fills ``instances``."""
+        python = vllm_python()
+        cores = os.cpu_count() or 1
+        base = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        base.update(self.vllm_env(), VLLM_HOST_IP=self.host, VLLM_NIXL_SIDE_CHANNEL_HOST=self.host)
+        k = 0
+        for pool in self.topology.pools:
+            for i in range(pool.instances):
+                name, port = f"{pool.role[0].upper()}{i}", free_port(self.host)
+                env = dict(base)
+                if (k + 1) * self.threads <= cores:
+                    env["VLLM_CPU_OMP_THREADS_BIND"] = f"{k * self.threads}-{(k + 1) * self.threads - 1}"
+                else:
+                    env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+                env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(free_port(self.host))
+                self._spawn(name, server_argv(model_dir, self.model_name, self.host, port, python=python,
+                                              **self.server_kw(pool, max_len)), env)
+                self.instances.append({"name": name, "role": pool.role, "url": f"http://{self.host}:{port}"})
+                k += 1
+        for inst in self.instances:
+            self._wait_http(inst["name"], inst["url"], deadline)
+
     def start(self) -> str:
         """Launch the instances and the router, wait until all answer; returns the router's URL. Raises ClusterError."""
         src = resolve_model(self.model)
         model_dir = vllm_model_dir(src)
         cfg = json.loads((model_dir / "config.json").read_text())
         max_len = self.max_model_len or int(cfg.get("max_position_embeddings", 2048))
-        python = vllm_python()
         self._run_dir = Path(tempfile.mkdtemp(prefix="disagg-vllm-"))
-        n_inst = sum(p.instances for p in self.topology.pools)
-        cores = os.cpu_count() or 1
-        base = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-        base.update(VLLM_CPU_KVCACHE_SPACE=str(int(self.kv_cache_gib)), OMP_NUM_THREADS=str(self.threads),
-                    VLLM_HOST_IP=self.host, VLLM_NIXL_SIDE_CHANNEL_HOST=self.host, VLLM_NO_USAGE_STATS="1",
-                    DO_NOT_TRACK="1", VLLM_LOGGING_LEVEL="INFO" if self.iteration_details else os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
-                    **self.extra_env)
         deadline = time.monotonic() + self.startup_timeout_s
         try:
-            k = 0
-            for pool in self.topology.pools:
-                for i in range(pool.instances):
-                    name, port = f"{pool.role[0].upper()}{i}", free_port(self.host)
-                    env = dict(base)
-                    if (k + 1) * self.threads <= cores:
-                        env["VLLM_CPU_OMP_THREADS_BIND"] = f"{k * self.threads}-{(k + 1) * self.threads - 1}"
-                    else:
-                        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-                    env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(free_port(self.host))
-                    argv = server_argv(model_dir, self.model_name, self.host, port,
-                                       block_size=pool.block_size_tokens, max_num_seqs=pool.max_batch_size,
-                                       max_num_batched_tokens=pool.max_batch_tokens, max_model_len=max_len,
-                                       dtype=self.dtype, enforce_eager=self.enforce_eager, seed=self.seed,
-                                       nixl=pool.role if self.topology.kind == "disaggregated" else "",
-                                       iteration_details=self.iteration_details, python=python)
-                    self._spawn(name, argv, env)
-                    self.instances.append({"name": name, "role": pool.role, "url": f"http://{self.host}:{port}"})
-                    k += 1
-            for inst in self.instances:
-                self._wait_http(inst["name"], inst["url"], deadline)
-            log.info("%d vLLM instances up on %d cores", n_inst, cores)
+            self._launch_instances(model_dir, max_len, deadline)
+            log.info("%d vLLM instances up", len(self.instances))
             kv_tokens = int(self.kv_cache_gib * 2**30 // max(1, _kv_bytes_per_token(cfg)))
             spec = {"instances": self.instances, "policy": self.topology.router, "model_dir": str(model_dir),
                     "model_name": self.model_name, "host": self.host, "port": self.port, "seed": self.seed,
