@@ -207,7 +207,8 @@ class DecodeInstance:
 
     # --- the instance's loop -----------------------------------------------------------------------------------------
     def run(self):
-        env, batch, ready, max_size = self.ctx.env, self.batch, self.ready, self.pool.max_batch_size
+        ctx, batch, ready, max_size = self.ctx, self.batch, self.ready, self.pool.max_batch_size
+        env = ctx.env
         while True:
             if self.preempted and (yield from self._recompute()):
                 continue
@@ -222,7 +223,45 @@ class DecodeInstance:
                 yield self._wake
                 self._wake = None
                 continue
-            yield from self._decode_segment()
+            # a decode segment: the batch runs until its next membership change (see `sim.running_batch`)
+            size = batch.size
+            k = batch.steps_fitting(self.kv_capacity - self.reserved, batch.steps_to_next_finish())
+            if k == 0:
+                self._preempt_one()
+                continue
+            s0 = batch.first_step_context(self._decode_context)
+            linear = self._linear.get(size)
+            if linear is None:
+                linear = self._linear[size] = self.profile.decode_linear(size)
+            base, slope = linear
+            stretch = ctx.begin_step()  # host CPU contention slows every step of the segment alike
+            if stretch != 1.0:
+                base, slope = base * stretch, slope * stretch
+            total = steps_time(k, base, slope, s0, size)
+            t0 = env.now
+            if t0 - self.last_sample_s >= ctx.sample_every_s:
+                ctx.sample(self, len(ready) + len(self.prefill_q), size)
+            self._in_segment, self._interrupted, self._segment_steps = True, False, k
+            self._segment = (t0, base, slope, s0, size, k)
+            self._segment_end = env.timeout(total)
+            got = yield self._segment_end
+            if got is None:
+                done, dur = k, total
+            elif got is _CUT:  # a join: stop at the end of the step running now
+                done = min(steps_done_by(env.now - t0, base, slope, s0, size, k) + 1, k)
+                dur = steps_time(done, base, slope, s0, size)
+                rest = t0 + dur - env.now
+                if rest > 0:
+                    yield env.timeout(rest)
+            else:  # cut by `_cut_to_step_end`: the step running then has just ended
+                done, dur = got
+            self._in_segment, self._segment_end = False, None
+            ctx.end_step()
+            self.busy_s += dur
+            t_end = t0 + dur
+            finished = batch.advance(done, t0 + base + slope * s0, base + slope * (s0 + (done - 1) * size), t_end)
+            self._note_peak()
+            self._after_segment(finished, t_end)
 
     def _after_segment(self, finished: list[SimSeq], t_end: float) -> None:
         if finished:
@@ -328,44 +367,3 @@ class DecodeInstance:
                 self.prefill_q.remove(s)
                 self._prefilled(s, env.now)
         return True
-
-    def _decode_segment(self):
-        ctx, batch = self.ctx, self.batch
-        env, size = ctx.env, batch.size
-        k = batch.steps_fitting(self.kv_capacity - self.reserved, batch.steps_to_next_finish())
-        if k == 0:
-            self._preempt_one()
-            return
-        s0 = batch.first_step_context(self._decode_context)
-        linear = self._linear.get(size)
-        if linear is None:
-            linear = self._linear[size] = self.profile.decode_linear(size)
-        base, slope = linear
-        stretch = ctx.begin_step()  # host CPU contention slows every step of the segment alike
-        if stretch != 1.0:
-            base, slope = base * stretch, slope * stretch
-        total = steps_time(k, base, slope, s0, size)
-        t0 = env.now
-        if t0 - self.last_sample_s >= ctx.sample_every_s:
-            ctx.sample(self, len(self.ready) + len(self.prefill_q), size)
-        self._in_segment, self._interrupted, self._segment_steps = True, False, k
-        self._segment = (t0, base, slope, s0, size, k)
-        self._segment_end = env.timeout(total)
-        got = yield self._segment_end
-        if got is None:
-            done, dur = k, total
-        elif got is _CUT:  # a join: stop at the end of the step running now
-            done = min(steps_done_by(env.now - t0, base, slope, s0, size, k) + 1, k)
-            dur = steps_time(done, base, slope, s0, size)
-            rest = t0 + dur - env.now
-            if rest > 0:
-                yield env.timeout(rest)
-        else:  # cut by `_cut_to_step_end`: the step running then has just ended
-            done, dur = got
-        self._in_segment, self._segment_end = False, None
-        ctx.end_step()
-        self.busy_s += dur
-        t_end = t0 + dur
-        finished = batch.advance(done, t0 + base + slope * s0, base + slope * (s0 + (done - 1) * size), t_end)
-        self._note_peak()
-        self._after_segment(finished, t_end)

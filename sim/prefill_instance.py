@@ -75,6 +75,7 @@ class PrefillInstance:
     def run(self):
         env, ctx, pool, blocks, queue = self.ctx.env, self.ctx, self.pool, self.blocks, self.queue
         bs, max_size, max_tokens = blocks.block_size, pool.max_batch_size, pool.max_batch_tokens
+        prefill_cost = self.profile.prefill
         while True:
             if not queue:
                 self._getter = env.event()
@@ -88,7 +89,7 @@ class PrefillInstance:
             while need > blocks.free:
                 self._freed = env.event()
                 yield self._freed
-            batch = [head]
+            batch, squares = [head], tokens * tokens
             blocks.take(need)
             head.src_blocks = need
             while queue and len(batch) < max_size:
@@ -102,12 +103,13 @@ class PrefillInstance:
                 nxt.src_blocks = need
                 batch.append(nxt)
                 tokens += n
+                squares += n * n
             start = env.now
             for s in batch:
                 s.rec.prefill_start_s = start
             if start - self.last_sample_s >= ctx.sample_every_s:
                 ctx.sample(self, len(queue), len(batch))
-            dur = self.profile.prefill_s([s.rec.prompt_tokens for s in batch]) * ctx.begin_step()
+            dur = prefill_cost.time_s(len(batch), float(tokens), float(squares)) * ctx.begin_step()  # = profile.prefill_s
             yield env.timeout(dur)
             ctx.end_step()
             self.busy_s += dur

@@ -53,16 +53,18 @@ def steps_time(k: int, base: float, slope: float, s0: float, batch: int) -> floa
 def steps_done_by(elapsed: float, base: float, slope: float, s0: float, batch: int, k_max: int) -> int:
     """Largest k <= k_max with T(k) <= elapsed (whole steps completed after ``elapsed`` seconds)."""
     first = base + slope * s0
-    qa = slope * batch / 2
+    sb = slope * batch
+    qa = sb / 2
     if qa <= 0:
         k = int(elapsed / first) if first > 0 else k_max
     else:
         qb = first - qa
         k = int((-qb + math.sqrt(qb * qb + 4 * qa * elapsed)) / (2 * qa))
     k = max(0, min(k, k_max))
-    while k < k_max and steps_time(k + 1, base, slope, s0, batch) <= elapsed:
+    # T(k) as `steps_time` computes it, term for term (the same floats)
+    while k < k_max and (k + 1) * first + sb * (k + 1) * k / 2 <= elapsed:
         k += 1
-    while k > 0 and steps_time(k, base, slope, s0, batch) > elapsed:
+    while k > 0 and k * first + sb * k * (k - 1) / 2 > elapsed:
         k -= 1
     return k
 
