@@ -2,7 +2,8 @@
 
 1. Serving: the tiny model as 1P1D with local worker processes (`engine.cluster.Cluster`, shm KV; and tcp KV, which
    the Ray path uses) and as Ray actors (`engine.ray_cluster.RayCluster` on a private one-machine Ray, tcp KV):
-   startup seconds, then per-request latency of N sequential greedy requests (TTFT and end-to-end, medians).
+   startup seconds, then per-request latency (TTFT and end-to-end, medians) of N rounds of one request to each,
+   interleaved so that the comparison shares the machine's noise.
 2. Planning: one `disagg plan` search with 1 local worker, with local worker processes (one per core), and as Ray
    tasks on a private one-machine Ray; wall seconds and the speed-up over 1 worker. The three results must match.
 Run: python bench/ray_bench.py [--requests N]
@@ -15,25 +16,25 @@ import sys
 import time
 
 
-def _latencies(url: str, n: int) -> tuple[float, float]:
+def _one(url: str) -> tuple[float, float]:
+    """TTFT and end-to-end seconds of one streamed greedy request (64-token prompt, 16 tokens)."""
     import httpx
 
-    ttft, e2e = [], []
     body = {"model": "tiny", "prompt": list(range(3, 67)), "max_tokens": 16, "temperature": 0, "stream": True,
             "ignore_eos": True}
-    for _ in range(n):
-        t0 = time.perf_counter()
-        first = None
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if first is None and line.startswith("data: {"):
-                    first = time.perf_counter()
-        ttft.append(first - t0)  # type: ignore[operator]
-        e2e.append(time.perf_counter() - t0)
-    return statistics.median(ttft), statistics.median(e2e)
+    t0 = time.perf_counter()
+    first = None
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if first is None and line.startswith("data: {"):
+                first = time.perf_counter()
+    assert first is not None, "no token came back"
+    return first - t0, time.perf_counter() - t0
 
 
 def serving(n: int) -> list[tuple[str, float, float, float]]:
+    """Start the three set-ups one after another (startup timed), keep all up, then send requests round-robin
+    over them (one at a time), so each round's three requests see the same machine noise."""
     from engine.cluster import Cluster
     from engine.ray_cluster import RayCluster
     from sim.ray_jobs import connect
@@ -41,21 +42,28 @@ def serving(n: int) -> list[tuple[str, float, float, float]]:
 
     topo = Topology.disaggregated(1, 1, kv_capacity_tokens=8192)
     connect("local")  # started before timing: a Ray cluster outlives many launches
-    rows = []
-    for label, make in (("local processes, shm KV", lambda: Cluster("tiny", topo)),
-                        ("local processes, tcp KV", lambda: Cluster("tiny", topo, transport="tcp")),
-                        ("Ray actors, tcp KV", lambda: RayCluster("tiny", topo, address="local"))):
-        c = make()
-        t0 = time.perf_counter()
-        c.start()
-        up = time.perf_counter() - t0
-        try:
-            _latencies(c.url, 3)  # warm
-            ttft, e2e = _latencies(c.url, n)
-        finally:
+    setups = (("local processes, shm KV", lambda: Cluster("tiny", topo)),
+              ("local processes, tcp KV", lambda: Cluster("tiny", topo, transport="tcp")),
+              ("Ray actors, tcp KV", lambda: RayCluster("tiny", topo, address="local")))
+    clusters, ups = [], []
+    try:
+        for _, make in setups:
+            c = make()
+            clusters.append(c)
+            t0 = time.perf_counter()
+            c.start()
+            ups.append(time.perf_counter() - t0)
+        samples: list[list[tuple[float, float]]] = [[] for _ in setups]
+        for i in range(n + 3):  # 3 warm-up rounds
+            for k, c in enumerate(clusters):
+                x = _one(c.url)
+                if i >= 3:
+                    samples[k].append(x)
+    finally:
+        for c in clusters:
             c.stop()
-        rows.append((label, up, ttft, e2e))
-    return rows
+    return [(label, up, statistics.median(t for t, _ in s), statistics.median(e for _, e in s))
+            for (label, _), up, s in zip(setups, ups, samples, strict=True)]
 
 
 def planning() -> list[tuple[str, float, int]]:
@@ -81,7 +89,7 @@ def main() -> None:
 
     n = int(sys.argv[sys.argv.index("--requests") + 1]) if "--requests" in sys.argv else 20
     con = Console(width=140)
-    t = Table(title=f"1P1D tiny model: startup and per-request latency ({n} sequential requests, 64-token prompt, "
+    t = Table(title=f"1P1D tiny model: startup and per-request latency ({n} interleaved rounds, 64-token prompt, "
                     "16 tokens)")
     for col in ("workers", "startup s", "TTFT p50 ms", "E2E p50 ms"):
         t.add_column(col, justify="right")

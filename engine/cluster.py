@@ -221,6 +221,16 @@ def stop_processes(procs: dict[str, Proc], timeout_s: float) -> None:
     procs.clear()
 
 
+def reap_group_with(owner_pid: int, pgid: int) -> subprocess.Popen:
+    """A watchdog (`sh`, its own session) that SIGKILLs process group ``pgid`` as soon as ``owner_pid`` is gone, and
+    exits by itself once the group is empty. For servers such as vLLM whose helper processes (EngineCore, its
+    workers) would outlive a killed launcher."""
+    script = (f"while kill -0 {owner_pid} 2>/dev/null && kill -0 -{pgid} 2>/dev/null; do sleep 1; done; "
+              f"kill -9 -{pgid} 2>/dev/null")
+    return subprocess.Popen(["sh", "-c", script], start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def dead_processes(procs: dict[str, Proc]) -> dict[str, str]:
     """{name: "exited with status N"} for the processes in ``procs`` that have exited."""
     return {n: f"exited with status {p.popen.returncode}" for n, p in procs.items() if p.popen.poll() is not None}

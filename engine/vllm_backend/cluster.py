@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from engine.cluster import ClusterError, Proc, _tail, dead_processes, resolve_model, stop_processes
+from engine.cluster import ClusterError, Proc, _tail, dead_processes, reap_group_with, resolve_model, stop_processes
 from engine.vllm_backend.model_folder import vllm_model_dir
 from sim.topology import Topology
 
@@ -125,6 +125,7 @@ class VllmCluster:
         with open(log_path, "ab") as out:
             p = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  start_new_session=True, cwd=self._run_dir)
+        reap_group_with(os.getpid(), p.pid)  # vLLM's EngineCore outlives a killed launcher otherwise
         proc = Proc(name, p, log_path, self._run_dir / f"{name}.ready")
         self.procs[name] = proc
         return proc

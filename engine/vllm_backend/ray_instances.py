@@ -2,8 +2,9 @@
 
 vLLM runs from its own virtualenv (`engine.vllm_backend.cluster.vllm_python`), so each instance is a Ray actor
 (`VllmInstanceActor`) that owns one vLLM OpenAI server process on its node: the actor picks the node's ports, binds
-the node's IP (or ``worker_host``), starts the server in its own process group with the kernel told to kill it when
-the actor's process dies, and returns its URL once ``/health`` answers. Placement, discovery by name, death reports
+the node's IP (or ``worker_host``), starts the server in its own process group, watched by a reaper that kills the
+whole group (EngineCore and its workers included) when the actor's process dies, and returns its URL once
+``/health`` answers. Placement, discovery by name, death reports
 and shutdown are `engine.ray_cluster.ActorGroup`'s, as for the built-in engine. Every node needs the repository
 (same path) with ``.venv-vllm`` built (or ``DISAGG_VLLM_PYTHON`` set there); P/D KV moves over NIXL (UCX) between
 the nodes' IPs. OpenMP threads are not bound to cores here (Ray does not say which cores an actor got).
@@ -11,7 +12,6 @@ the nodes' IPs. OpenMP threads are not bound to cores here (Ray does not say whi
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -22,17 +22,11 @@ from pathlib import Path
 
 import httpx
 
-from engine.cluster import _tail, resolve_model
-from engine.ray_cluster import ActorGroup
+from engine.cluster import _tail, reap_group_with, resolve_model
+from engine.ray_cluster import ActorGroup, undo_ray_niceness
 from engine.vllm_backend.cluster import VllmCluster, free_port, server_argv, vllm_python
 from engine.vllm_backend.model_folder import vllm_model_dir
 from sim.ray_jobs import import_ray
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class VllmInstanceActor:
@@ -42,6 +36,7 @@ class VllmInstanceActor:
     def __init__(self, name: str, role: str, model: str, served_name: str, server_kw: dict, env: dict,
                  worker_host: str | None, startup_timeout_s: float):
         ray = import_ray()
+        undo_ray_niceness(name)
         host = worker_host or ray.util.get_node_ip_address()
         model_dir = vllm_model_dir(resolve_model(model))
         port = free_port(host)
@@ -54,7 +49,8 @@ class VllmInstanceActor:
         with open(self.log_path, "ab") as out:
             self.popen = subprocess.Popen(argv, env=full, stdout=out, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, start_new_session=True,
-                                          preexec_fn=_die_with_parent, cwd=self.log_path.parent)
+                                          cwd=self.log_path.parent)
+        reap_group_with(os.getpid(), self.popen.pid)
         self._stop = threading.Event()
         deadline = time.monotonic() + startup_timeout_s
         while True:
