@@ -23,7 +23,8 @@ class BlockPool:
     def take(self, n: int) -> None:
         assert 0 <= n <= self.free, f"taking {n} blocks with {self.free} free"
         self.used += n
-        self.peak = max(self.peak, self.used)
+        if self.used > self.peak:
+            self.peak = self.used
 
     def give(self, n: int) -> None:
         assert 0 <= n <= self.used, f"giving back {n} blocks with {self.used} in use"

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 PERCENTILES = (50, 90, 99)
 
@@ -80,25 +81,30 @@ def _pcts(x: np.ndarray) -> dict[str, float]:
     return {"mean": float(x.mean()), **{f"p{p}": float(v) for p, v in zip(PERCENTILES, vals, strict=False)}}
 
 
-def slo_met(records: pa.Table, slo: SLO) -> np.ndarray:
-    """Boolean per request: completed and within both targets."""
-    m = per_request(records)
-    ok = np.asarray(records.column("status").to_pylist()) == "ok"
+def _status_is(records: pa.Table, status: str) -> np.ndarray:
+    return pc.fill_null(pc.equal(records.column("status"), status), False).to_numpy(zero_copy_only=False).astype(bool)
+
+
+def _met(m: dict[str, np.ndarray], ok: np.ndarray, slo: SLO) -> np.ndarray:
     tpot_ok = np.where(np.isnan(m["tpot_s"]), True, m["tpot_s"] <= slo.tpot_s)
     return ok & (m["ttft_s"] <= slo.ttft_s) & tpot_ok
+
+
+def slo_met(records: pa.Table, slo: SLO) -> np.ndarray:
+    """Boolean per request: completed and within both targets."""
+    return _met(per_request(records), _status_is(records, "ok"), slo)
 
 
 def summarize(records: pa.Table, slo: SLO | None = None, gpus: int = 1) -> dict:
     """Summary of a run: counts, throughput, latency percentiles, breakdown, SLO attainment and goodput."""
     n = records.num_rows
-    status = np.asarray(records.column("status").to_pylist()) if n else np.asarray([])
-    ok = status == "ok"
+    ok = _status_is(records, "ok")
     m = per_request(records)
     arr, fin = _col(records, "arrival_s"), _col(records, "finished_s")
     span = float(np.nanmax(fin[ok]) - np.nanmin(arr)) if ok.any() else 0.0
     out_tokens = float(_col(records, "output_tokens")[ok].sum())
     s: dict = {
-        "requests": n, "completed": int(ok.sum()), "rejected": int((status == "rejected").sum()),
+        "requests": n, "completed": int(ok.sum()), "rejected": int(_status_is(records, "rejected").sum()),
         "span_s": span,
         "throughput_rps": ok.sum() / span if span > 0 else 0.0,
         "output_tokens_per_s": out_tokens / span if span > 0 else 0.0,
@@ -107,7 +113,7 @@ def summarize(records: pa.Table, slo: SLO | None = None, gpus: int = 1) -> dict:
     for key, values in m.items():
         s[key.removesuffix("_s")] = _pcts(np.where(ok, values, np.nan))
     if slo is not None:
-        met = slo_met(records, slo)
+        met = _met(m, ok, slo)
         s["slo"] = {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "percentile": slo.percentile,
                     "attainment_target": slo.attainment}
         s["slo_attainment"] = float(met.mean()) if n else 0.0
