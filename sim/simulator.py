@@ -26,7 +26,7 @@ from sim.link import SharedLink
 from sim.metrics import SLO, summarize
 from sim.model_spec import ModelSpec
 from sim.prefill_instance import PrefillInstance
-from sim.records import RequestRecord, records_to_table
+from sim.records import RecordColumns, RequestRecord
 from sim.request import Workload
 from sim.router import get_policy
 from sim.running_batch import SimSeq
@@ -53,7 +53,7 @@ class SimContext:
     def __init__(self, env: simpy.Environment, model: ModelSpec, sample_every_s: float):
         self.env = env
         self.kv_bytes_per_token = model.kv_bytes_per_token
-        self.records: list[RequestRecord] = []
+        self.records = RecordColumns()  # finished and rejected requests
         self.finished = 0
         self.sample_every_s = sample_every_s
         self._ts: tuple[list, ...] = tuple([] for _ in TIMESERIES_SCHEMA)  # one list per column
@@ -72,9 +72,11 @@ class SimContext:
         self.busy -= 1
 
     def finish(self, s: SimSeq, t: float) -> None:
-        s.rec.last_token_s = s.rec.finished_s = t
-        s.rec.status = "ok"
+        rec = s.rec
+        rec.last_token_s = rec.finished_s = t
+        rec.status = "ok"
         self.finished += 1
+        self.records.add(rec)
 
     def sample(self, inst: object, queue: int, batch: int) -> None:
         """Record ``inst``'s queue, batch and KV use now. The instances call this only when ``sample_every_s`` has
@@ -177,13 +179,14 @@ def simulate(topology: Topology, workload: Workload, profile: CostProfile | Mapp
             if spec.arrival_s > env.now:
                 yield env.timeout(spec.arrival_s - env.now)
             rec = RequestRecord(spec.id, spec.arrival_s, spec.prompt_tokens, spec.output_tokens)
-            records.append(rec)
             total = spec.prompt_tokens + spec.output_tokens
             if total > max_context:
                 rec.status, rec.reason = "rejected", f"prompt + output = {total} tokens > model context {max_context}"
+                records.add(rec)
                 continue
             if total > limit_tokens:
                 rec.status, rec.reason = "rejected", f"prompt + output = {total} tokens > instance KV capacity {limit_tokens}"
+                records.add(rec)
                 continue
             seq = SimSeq(rec, 0, spec.output_tokens, nan, order=order)
             if colocated:
@@ -201,9 +204,11 @@ def simulate(topology: Topology, workload: Workload, profile: CostProfile | Mapp
     env.process(arrivals())
     with _cyclic_gc_paused():
         env.run()
-        records = records_to_table(ctx.records)
-    stuck = [r.request_id for r in ctx.records if r.status == "pending"]
-    assert not stuck, f"simulation ended with unfinished requests {stuck[:10]}"
+        records = ctx.records.to_table()
+    if len(ctx.records) != len(workload):
+        done = set(records.column("request_id").to_pylist())
+        stuck = [r.id for r in workload if r.id not in done]
+        raise AssertionError(f"simulation ended with unfinished requests {stuck[:10]}")
     insts = {i.name: i for group in pools.values() for i in group}
     makespan = env.now
     util = {name: (i.busy_s / makespan if makespan > 0 else 0.0) for name, i in insts.items()}

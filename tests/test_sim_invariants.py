@@ -143,3 +143,21 @@ def test_timeseries_and_records_schema():
     res = simulate(Topology.colocated(1, kv_capacity_tokens=4000), random_workload(50, 10), LIN, model=TINY)
     assert isinstance(res.timeseries, pa.Table) and res.timeseries.num_rows > 0
     assert res.timeseries.column("kv_used_blocks").to_numpy().max() <= res.timeseries.column("kv_capacity_blocks")[0].as_py()
+
+
+@pytest.mark.parametrize("n", [0, 1, 4096, 4097, 9000])
+def test_record_columns_match_records_to_table(n):
+    """The simulator keeps finished records by column; its table is `records_to_table`'s, whatever the finish order."""
+    import random
+
+    from sim.records import RecordColumns, RequestRecord, records_to_table
+
+    recs = [RequestRecord(i, i * 0.5, 3 + i, 4, first_token_s=i * 0.1, prefill_instance=f"P{i % 3}", kv_bytes=7 * i,
+                          status="ok" if i % 5 else "rejected", reason="" if i % 5 else "too long") for i in range(n)]
+    random.Random(n).shuffle(recs)
+    cols = RecordColumns()
+    for r in recs:
+        cols.add(r)
+    a, b = cols.to_table(), records_to_table(recs)
+    assert len(cols) == n and a.schema == b.schema
+    assert json.dumps(a.to_pylist()) == json.dumps(b.to_pylist())  # NaN-aware, exact floats
