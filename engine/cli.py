@@ -106,6 +106,8 @@ def register(app: typer.Typer) -> None:
         records: Path | None = typer.Option(None, help="Write the server-side records (Parquet) here on exit."),
         log_dir: Path | None = typer.Option(None, help="Keep the processes' logs here."),
         verify_kv: bool = typer.Option(False, help="SHA-256 every KV transfer on both sides."),
+        warm_tokens: int = typer.Option(2048, min=0, help="CPU: warm each worker's GEMM shapes up to this many "
+                                        "tokens at start (first-time oneDNN kernels cost ~1.4x); 0 = no warm-up."),
         backend: str = typer.Option("builtin", help="builtin (disagg's engine) or vllm (vLLM servers from "
                                     ".venv-vllm; NIXL for P/D)."),
         vllm_kv_gib: int = typer.Option(1, help="vllm backend: KV cache per instance, GiB (VLLM_CPU_KVCACHE_SPACE)."),
@@ -155,7 +157,8 @@ def register(app: typer.Typer) -> None:
         stop = {"now": False}
         signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
         kw = dict(transport=transport, dtype=dtype, device=device, threads=threads, host=host, port=port,
-                  max_outstanding=max_outstanding, records_path=records, log_dir=log_dir, verify_kv=verify_kv)
+                  max_outstanding=max_outstanding, records_path=records, log_dir=log_dir, verify_kv=verify_kv,
+                  warm_gemm_tokens=warm_tokens)
         try:
             if ray is not None:
                 from engine.ray_cluster import RayCluster

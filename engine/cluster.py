@@ -10,7 +10,8 @@ router is one more process. Everything binds ``host`` (127.0.0.1) on free ports;
 every link. ``device`` is the workers' torch device (``"cuda"`` for GPU runs; pair it with
 ``transport="cuda"`` for NCCL KV transfers). Pool settings come from the topology: ``max_batch_size``, ``max_batch_tokens``, ``block_size_tokens``,
 ``chunked_prefill`` and ``kv_capacity_tokens`` (default `DEFAULT_KV_TOKENS` per instance when unset; ``tp``,
-``hardware`` and ``memory_utilization`` do not apply to this CPU engine).
+``hardware`` and ``memory_utilization`` do not apply to this CPU engine). On CPU each worker warms its GEMM shapes
+up to ``warm_gemm_tokens`` before it reports ready (`engine.worker.warm_gemm_shapes`; 0 skips it).
 
 `stop` (or leaving the ``with``) sends SIGTERM to each process group, waits, then SIGKILLs what is left; workers also
 exit on their own if this process dies. Startup failures raise `ClusterError` with the failing process's log tail.
@@ -88,7 +89,8 @@ class Cluster:
                  threads: int = 1, host: str = "127.0.0.1", port: int = 0, max_outstanding: int = 1024,
                  max_retries: int = 2, request_timeout_s: float = 600.0, verify_kv: bool = False, seed: int = 0,
                  queue_limit: int = 4096, records_path: str | Path | None = None, log_dir: str | Path | None = None,
-                 startup_timeout_s: float = 120.0, model_name: str | None = None, log_level: str = "WARNING"):
+                 startup_timeout_s: float = 120.0, model_name: str | None = None, log_level: str = "WARNING",
+                 warm_gemm_tokens: int = 2048):
         self.model, self.topology, self.transport, self.dtype, self.device = model, topology, transport, dtype, device
         if transport == "cuda" and not device.startswith("cuda"):
             raise ValueError("the cuda KV transport needs device='cuda'")
@@ -96,6 +98,7 @@ class Cluster:
         self.max_retries, self.request_timeout_s, self.verify_kv, self.seed = max_retries, request_timeout_s, verify_kv, seed
         self.queue_limit, self.records_path, self.log_dir = queue_limit, records_path, log_dir
         self.startup_timeout_s, self.model_name, self.log_level = startup_timeout_s, model_name, log_level
+        self.warm_gemm_tokens = warm_gemm_tokens
         self.procs: dict[str, Proc] = {}
         self.url = ""
         self._run_dir: Path | None = None
@@ -178,7 +181,8 @@ class Cluster:
                           block_size=pool.block_size_tokens, max_batch_size=pool.max_batch_size,
                           max_batch_tokens=pool.max_batch_tokens, chunked_prefill=pool.chunked_prefill,
                           dtype=self.dtype, device=self.device, transport=self.transport, threads=self.threads,
-                          verify_kv=self.verify_kv, queue_limit=self.queue_limit, host=self.host,
+                          verify_kv=self.verify_kv, warm_gemm_tokens=self.warm_gemm_tokens,
+                          queue_limit=self.queue_limit, host=self.host,
                           ready_path=str(self._run_dir / f"{name}.ready"), parent_pid=os.getpid())
 
     def stop(self, timeout_s: float = 10.0) -> None:

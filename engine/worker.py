@@ -42,6 +42,7 @@ class WorkerSpec:
     transport: str = "shm"
     threads: int = 1
     verify_kv: bool = False
+    warm_gemm_tokens: int = 2048  # warm the GEMM shapes of forward passes up to this many tokens (0: none)
     queue_limit: int = 4096
     host: str = "127.0.0.1"
     ready_path: str = ""
@@ -142,6 +143,9 @@ def build_worker(spec: WorkerSpec, secret: bytes) -> WorkerBase:
     runner = ModelRunner.from_folder(spec.model_dir, spec.num_blocks, spec.block_size, device=spec.device,
                                      dtype=spec.dtype)
     _warm_up(runner)
+    if spec.warm_gemm_tokens:
+        up_to = spec.max_batch_tokens if spec.role != "decode" else spec.max_batch_size
+        warm_gemm_shapes(runner, min(up_to, spec.warm_gemm_tokens))
     from engine.step_trace import install
 
     install(runner, spec.name)
@@ -152,6 +156,28 @@ def build_worker(spec: WorkerSpec, secret: bytes) -> WorkerBase:
         from engine.decode_worker import DecodeWorker
         return DecodeWorker(spec, runner, secret)
     raise ValueError(f"unknown worker role {spec.role!r}")
+
+
+def warm_gemm_shapes(runner, up_to: int) -> int:  # noqa: ANN001 - a ModelRunner
+    """Run one forward pass per `engine.model.llama.gemm_rows` bucket up to ``up_to`` tokens (capped by the model's
+    context and the free KV cache), so that serving never pays oneDNN's first-time kernel build for those shapes
+    (measured: a fresh bf16 shape 1.4x slower, 1.06x after this warm-up; ~4 s for the ~80 buckets up to 2048
+    tokens of the tiny model on this CPU). Returns the number of shapes run. CPU only (no-op elsewhere)."""
+    from engine.model.llama import gemm_rows
+    from engine.model.runner import Sequence
+
+    if not getattr(runner.model, "pad_gemm_rows", False):
+        return 0
+    alloc = runner.cache.allocator
+    limit = min(up_to, runner.cfg.max_position_embeddings, alloc.num_free_blocks * alloc.block_size)
+    shapes = sorted({gemm_rows(n) for n in range(1, limit + 1)})
+    for m in shapes:
+        seq = Sequence(-3, [7] * min(m, limit))  # the last bucket may reach past the limit; its padding does not
+        try:
+            runner.prefill([seq])
+        finally:
+            runner.free(seq)
+    return len(shapes)
 
 
 def _warm_up(runner) -> None:
