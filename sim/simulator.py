@@ -176,8 +176,9 @@ def simulate(topology: Topology, workload: Workload, profile: CostProfile | Mapp
         first_state, second_state = states["colocated" if colocated else "prefill"], states.get("decode")
         records, max_context, nan = ctx.records, model.max_context_tokens, math.nan
         for order, spec in enumerate(workload.requests):
-            if spec.arrival_s > env.now:
-                yield env.timeout(spec.arrival_s - env.now)
+            now = env.now
+            if spec.arrival_s > now:
+                yield env.timeout(spec.arrival_s - now)
             rec = RequestRecord(spec.id, spec.arrival_s, spec.prompt_tokens, spec.output_tokens)
             total = spec.prompt_tokens + spec.output_tokens
             if total > max_context:
