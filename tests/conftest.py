@@ -2,6 +2,7 @@
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -77,6 +78,7 @@ def reference(tiny_model_dir):
 # ---- Ray: a local two-node cluster (tests/test_ray.py, and vLLM on Ray in tests/test_vllm_backend.py) ---------------
 
 RAY = str(Path(sys.executable).parent / "ray")
+RAY_TOKEN = secrets.token_hex(32)
 
 
 def _free_port() -> int:
@@ -96,12 +98,10 @@ def two_nodes():
     """A head node with the ``prefill`` resource and a second node with ``decode``, two logical CPUs each (this
     machine has two cores in all); both on this machine. Yields the address; stops both (and disconnects this
     process) afterwards."""
-    import secrets
-
-    # Ray's token authentication, with a fresh token both nodes and this driver share (as real nodes would); set
-    # before this process first imports ray, which reads it then.
+    # Ray's token authentication, with a token both nodes and this driver share (as real nodes would); set before
+    # this process first imports ray, which reads it once: one token for the whole test session.
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=RAY_TOKEN)
     import ray
     port = _free_port()
     common = ["--num-cpus", "2", "--object-store-memory", str(80 * 2**20), "--disable-usage-stats"]
