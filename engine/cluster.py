@@ -220,7 +220,7 @@ def stop_processes(procs: dict[str, Proc], timeout_s: float) -> None:
             p.popen.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             log.warning("%s did not stop within %g s; killing it", p.name, timeout_s)
-        _signal_group(p.popen, signal.SIGKILL)
+        _signal_group(p.popen, signal.SIGKILL, leader_gone_too=True)  # helpers it left behind (vLLM's trackers)
         p.popen.wait()
     procs.clear()
 
@@ -240,8 +240,10 @@ def dead_processes(procs: dict[str, Proc]) -> dict[str, str]:
     return {n: f"exited with status {p.popen.returncode}" for n, p in procs.items() if p.popen.poll() is not None}
 
 
-def _signal_group(p: subprocess.Popen, sig: int) -> None:
-    if p.poll() is not None:
+def _signal_group(p: subprocess.Popen, sig: int, leader_gone_too: bool = False) -> None:
+    """Signal ``p``'s process group (``p`` leads it: started with start_new_session); skipped once ``p`` has exited
+    unless ``leader_gone_too`` (its group can outlive it)."""
+    if p.poll() is not None and not leader_gone_too:
         return
     try:
         os.killpg(p.pid, sig)

@@ -12,6 +12,7 @@ the nodes' IPs. OpenMP threads are not bound to cores here (Ray does not say whi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -86,13 +87,14 @@ class VllmInstanceActor:
         return _tail(self.log_path, lines)
 
     def _terminate(self, timeout_s: float = 15.0) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
+        """SIGTERM the server's group, wait, then SIGKILL whatever of the group is left (its helpers too)."""
+        with contextlib.suppress(ProcessLookupError):
+            if self.popen.poll() is None:
+                os.killpg(self.popen.pid, signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.popen.wait(timeout_s)
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
 
 
 class VllmRayCluster(VllmCluster):
