@@ -35,7 +35,9 @@ class _NixlDelayFinder(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             load(module)
-            agent = module.nixlAgent
+            agent = getattr(module, "nixlAgent", None)
+            if agent is None:  # another NIXL layout: leave it as it is
+                return
 
             def nixl_agent(name, config):
                 config.pthrDelay = _DELAY_US
