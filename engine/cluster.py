@@ -231,7 +231,8 @@ def reap_group_with(owner_pid: int, pgid: int) -> subprocess.Popen:
     workers) would outlive a killed launcher."""
     script = (f"while kill -0 {owner_pid} 2>/dev/null && kill -0 -{pgid} 2>/dev/null; do sleep 1; done; "
               f"kill -9 -{pgid} 2>/dev/null")
-    return subprocess.Popen(["sh", "-c", script], start_new_session=True, stdin=subprocess.DEVNULL,
+    # setsid -f: the watchdog is nobody's child (Ray kills a dead actor's children, which would take it along)
+    return subprocess.Popen(["setsid", "-f", "sh", "-c", script], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
