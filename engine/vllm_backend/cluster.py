@@ -50,6 +50,24 @@ def vllm_python() -> Path:
     return p
 
 
+def wait_healthy(name: str, url: str, popen: subprocess.Popen, log_path: Path, deadline: float,
+                 timeout_s: float) -> None:
+    """Poll ``url``/health until it answers 200; ClusterError with the log tail if the server exits first or
+    ``deadline`` (time.monotonic) passes."""
+    while True:
+        if popen.poll() is not None:
+            raise ClusterError(f"vLLM instance {name} exited with status {popen.returncode} during startup:\n"
+                               f"{_tail(log_path)}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise ClusterError(f"vLLM instance {name} not ready after {timeout_s:g} s:\n{_tail(log_path)}")
+        time.sleep(0.5)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -135,19 +153,7 @@ class VllmCluster:
 
     def _wait_http(self, name: str, url: str, deadline: float) -> None:
         p = self.procs[name]
-        while True:
-            if p.popen.poll() is not None:
-                raise ClusterError(f"vLLM instance {name} exited with status {p.popen.returncode} during startup:\n"
-                                   f"{_tail(p.log_path)}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise ClusterError(f"vLLM instance {name} not ready after {self.startup_timeout_s:g} s:\n"
-                                   f"{_tail(p.log_path)}")
-            time.sleep(0.5)
+        wait_healthy(name, url, p.popen, p.log_path, deadline, self.startup_timeout_s)
 
     def vllm_env(self) -> dict[str, str]:
         """The environment settings every instance gets on top of its own environment."""

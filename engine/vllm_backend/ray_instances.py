@@ -21,11 +21,9 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
-
-from engine.cluster import _tail, reap_group_with, resolve_model
+from engine.cluster import ClusterError, _tail, reap_group_with, resolve_model
 from engine.ray_cluster import ActorGroup, undo_ray_niceness
-from engine.vllm_backend.cluster import VllmCluster, free_port, server_argv, vllm_python
+from engine.vllm_backend.cluster import VllmCluster, free_port, server_argv, vllm_python, wait_healthy
 from engine.vllm_backend.model_folder import vllm_model_dir
 from sim.ray_jobs import import_ray
 
@@ -53,21 +51,12 @@ class VllmInstanceActor:
                                           cwd=self.log_path.parent)
         reap_group_with(os.getpid(), self.popen.pid)
         self._stop = threading.Event()
-        deadline = time.monotonic() + startup_timeout_s
-        while True:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"vLLM instance {name} exited with status {self.popen.returncode} during "
-                                   f"startup:\n{_tail(self.log_path)}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self._terminate()
-                raise RuntimeError(f"vLLM instance {name} not ready after {startup_timeout_s:g} s:\n"
-                                   f"{_tail(self.log_path)}")
-            time.sleep(0.5)
+        try:
+            wait_healthy(name, self.url, self.popen, self.log_path, time.monotonic() + startup_timeout_s,
+                         startup_timeout_s)
+        except ClusterError:
+            self._terminate()
+            raise
         self._info = {"name": name, "role": role, "url": self.url, "pid": os.getpid(), "server_pid": self.popen.pid,
                       "node_ip": host, "node_id": ray.get_runtime_context().get_node_id()}
 
