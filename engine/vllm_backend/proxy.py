@@ -47,16 +47,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from engine.api import (
-    ApiError,
-    ModelInfo,
-    add_openai_routes,
-    chunk,
-    full_response,
-    parse_json,
-    parse_request,
-    sse_event,
-)
+from engine import api
 from sim.records import RECORD_FIELDS, RequestRecord
 from sim.router import get_policy
 
@@ -208,7 +199,7 @@ class VllmRouter:
         return d
 
 
-def create_app(router: VllmRouter, info: ModelInfo) -> FastAPI:
+def create_app(router: VllmRouter, info: api.ModelInfo) -> FastAPI:
     """The OpenAI-compatible front (see the module docstring)."""
     response_ids = itertools.count()
     app = FastAPI(title="disagg router (vLLM backend)", docs_url=None, redoc_url=None)
@@ -226,7 +217,7 @@ def create_app(router: VllmRouter, info: ModelInfo) -> FastAPI:
                             status_code=200 if good else 503)
 
     async def generate(request: Request, chat: bool):
-        gen = parse_request(parse_json(await request.body()), info, chat)
+        gen = api.parse_request(api.parse_json(await request.body()), info, chat)
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{next(response_ids)}", int(time.time())
         events = router.generate(gen, request.headers.get("x-request-id", ""))
         if not gen.stream:
@@ -235,12 +226,13 @@ def create_app(router: VllmRouter, info: ModelInfo) -> FastAPI:
                 if ev[0] == "token":
                     ids += ev[1]
                 elif ev[0] == "error":
-                    raise ApiError(502, ev[1], kind="server_error")
+                    raise api.ApiError(502, ev[1], kind="server_error")
                 else:
                     usage = {"prompt_tokens": len(gen.prompt_ids), "completion_tokens": len(ids),
                              "total_tokens": len(gen.prompt_ids) + len(ids)}
-                    return JSONResponse(full_response(rid, created, info.name, chat, info.tokenizer.decode(ids), ids,
-                                                      ev[1], usage, {"disagg": {"record": ev[2]}}))
+                    text = info.tokenizer.decode(ids)
+                    return JSONResponse(api.full_response(rid, created, info.name, chat, text, ids, ev[1], usage,
+                                                          {"disagg": {"record": ev[2]}}))
 
         async def sse():
             ids: list[int] = []
@@ -249,16 +241,17 @@ def create_app(router: VllmRouter, info: ModelInfo) -> FastAPI:
                     before = info.tokenizer.decode(ids)
                     ids += ev[1]
                     text = info.tokenizer.decode(ids)[len(before):]
-                    yield sse_event(chunk(rid, created, info.name, chat, text, ev[1], None))
+                    yield api.sse_event(api.chunk(rid, created, info.name, chat, text, ev[1], None))
                 elif ev[0] == "done":
-                    yield sse_event(chunk(rid, created, info.name, chat, "", [], ev[1], {"disagg": {"record": ev[2]}}))
+                    last = {"disagg": {"record": ev[2]}}
+                    yield api.sse_event(api.chunk(rid, created, info.name, chat, "", [], ev[1], last))
                 else:
-                    yield sse_event({"error": {"message": ev[1], "type": "server_error", "code": 502}})
+                    yield api.sse_event({"error": {"message": ev[1], "type": "server_error", "code": 502}})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
-    add_openai_routes(app, generate, info, lambda: router.records, owned_by="disagg+vllm")
+    api.add_openai_routes(app, generate, info, lambda: router.records, owned_by="disagg+vllm")
     return app
 
 
