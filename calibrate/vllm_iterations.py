@@ -19,6 +19,12 @@ the same iteration — and reads the lines each burst produced (log offsets befo
 Every round visits the points in a new shuffled order (seeded). A point's time is the median of its samples; points
 are split deterministically into fit (3 of 4) and held-out (1 of 4), fitted with `calibrate.fit` exactly like the
 built-in engine's sweep, and scored on the held-out ones. Raw samples are returned (and written next to the profile).
+
+``elapsed`` leaves out what a served request also waits for, so `probe_overheads` measures it from the client side on
+the same server after the sweep: the per-step overhead (streamed inter-token interval minus the logged decode step;
+measured ~2 ms here) is added to every formula's fixed term, and the per-request overhead (HTTP, API server, engine
+hand-off and the way back; ~7 ms here) becomes the profile's ``request_overhead_s``. The server runs without prefix
+caching (the sweep's prompts are random anyway; the simulator has none).
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +143,65 @@ def sweep(url: str, model_name: str, log_path: Path, rounds: int, seed: int = 0,
     return samples
 
 
+def probe_overheads(url: str, model_name: str, log_path: Path, rounds: int = 6, seed: int = 1, vocab: int = 256,
+                    length: int = 64, batches: tuple[int, ...] = (1, 4), tokens: int = 24) -> dict:
+    """What a request and a step cost beyond the logged iteration times (vLLM's ``elapsed`` covers the model step only:
+    not the scheduling and output handling around it in the engine core, nor the API server and HTTP).
+
+    * step: ``B`` prompts streamed together for ``tokens`` tokens; the client's inter-token interval (median over the
+      streams' chunks after their first) minus the median logged time of the same pure-decode iterations;
+    * request: one ``length``-token prompt with ``max_tokens=1``, not streamed; client latency minus its logged
+      prefill iteration and minus the step overhead (that one is counted in the step).
+
+    Returns ``{"step_s", "request_s", "probes"}`` (medians over ``rounds`` of each, clipped at 0)."""
+    import json
+
+    import httpx
+
+    rng = np.random.default_rng(seed)
+    step, request = [], []
+    with httpx.Client(timeout=300) as client:
+        for _ in range(rounds):
+            for b in batches:
+                prompts = rng.integers(0, vocab, (b, length)).tolist()
+                before = _wait_quiet(log_path)
+                times: dict[int, list[float]] = {}
+                body = {"model": model_name, "prompt": prompts, "temperature": 0, "ignore_eos": True,
+                        "max_tokens": tokens, "stream": True}
+                with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                    r.raise_for_status()
+                    for line in r.iter_lines():
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            now = time.perf_counter()
+                            for ch in json.loads(line[6:]).get("choices", []):
+                                times.setdefault(int(ch["index"]), []).append(now)
+                _wait_quiet(log_path)
+                with open(log_path, "rb") as f:
+                    f.seek(before)
+                    its = parse_iterations(f.read().decode(errors="replace"))
+                dec = [x["time_s"] for x in burst_samples(its, "decode", b, length, tokens)]
+                gaps = [t1 - t0 for ts in times.values() for t0, t1 in pairwise(ts[1:])]
+                if dec and gaps:
+                    step.append(float(np.median(gaps)) - float(np.median(dec)))
+            before = _wait_quiet(log_path)
+            t0 = time.perf_counter()
+            client.post(f"{url}/v1/completions", json={"model": model_name, "prompt": rng.integers(
+                0, vocab, length).tolist(), "temperature": 0, "max_tokens": 1}).raise_for_status()
+            latency = time.perf_counter() - t0
+            _wait_quiet(log_path)
+            with open(log_path, "rb") as f:
+                f.seek(before)
+                its = parse_iterations(f.read().decode(errors="replace"))
+            pre = [x["time_s"] for x in burst_samples(its, "prefill", 1, length, 1)]
+            if pre:
+                request.append(latency - pre[0])
+    if not step or not request:
+        raise RuntimeError(f"vLLM logged no iterations for the overhead probes in {log_path}")
+    step_s = max(0.0, float(np.median(step)))
+    return {"step_s": step_s, "request_s": max(0.0, float(np.median(request)) - step_s),
+            "probes": {"step": len(step), "request": len(request)}}
+
+
 def _points(samples: list[dict], phase: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-point medians: ``keys [n, 3]`` (num_seqs, sum_tokens, sum_sq_tokens) and ``times [n]`` seconds.
 
@@ -154,9 +220,12 @@ def _points(samples: list[dict], phase: str) -> tuple[np.ndarray, np.ndarray]:
                                                                  for k in keys])
 
 
-def fit_profile(samples: list[dict], name: str, spec, env: dict, meta: dict) -> CostProfile:
+def fit_profile(samples: list[dict], name: str, spec, env: dict, meta: dict,
+                overheads: dict | None = None) -> CostProfile:
     """Fit prefill and decode formulas to the samples' point medians (held-out: every 4th point), as a CostProfile.
-    Raises ValueError when a phase has too few points."""
+    ``overheads`` (`probe_overheads`): the step overhead is added to every formula's fixed term (each iteration pays
+    it), the request overhead becomes the profile's ``request_overhead_s``; the fit errors are those of the logged
+    times. Raises ValueError when a phase has too few points."""
     fit_info = {}
     pk, py = _points(samples, "prefill")
     dk, dy = _points(samples, "decode")
@@ -176,9 +245,15 @@ def fit_profile(samples: list[dict], name: str, spec, env: dict, meta: dict) -> 
     fit_info["prefill"].update(formula="a + b*sum(len) + c*sum(len^2)", terms=pre.terms, cv_mape=pre.cv_mape)
     fit_info["decode"].update(formula="a_p + b_p*batch + c_p*sum(context)", pieces=len(dec.pieces),
                               cv_mape=dec.cv_mape)
-    return CostProfile(name=name, source="calibrated", prefill=pre.cost, decode=dec.pieces, tp=1, hardware="cpu",
+    prefill, decode, request_s = pre.cost, dec.pieces, 0.0
+    if overheads:
+        fit_info["overheads"] = overheads
+        step_s, request_s = overheads["step_s"], overheads["request_s"]
+        prefill = replace(prefill, a_s=prefill.a_s + step_s)
+        decode = tuple(replace(p, a_s=p.a_s + step_s) for p in decode)
+    return CostProfile(name=name, source="calibrated", prefill=prefill, decode=decode, tp=1, hardware="cpu",
                        dtype="bf16", model=spec, decode_context="sum", fit=fit_info, environment=env,
-                       meta={"backend": "vllm", **meta})
+                       meta={"backend": "vllm", **meta}, request_overhead_s=request_s)
 
 
 def calibrate_vllm(model: str = "tiny", budget_s: float = 120.0, rounds: int = 4, seed: int = 0,
@@ -202,16 +277,18 @@ def calibrate_vllm(model: str = "tiny", budget_s: float = 120.0, rounds: int = 4
     logs = Path(log_dir or tempfile.mkdtemp(prefix="disagg-vllm-cal-"))
     topo = Topology.colocated(1, block_size_tokens=32, max_batch_size=32, max_batch_tokens=4096)
     t0 = time.monotonic()
-    with VllmCluster(folder, topo, model_name="cal", iteration_details=True, log_dir=logs, seed=seed,
+    with VllmCluster(folder, topo, model_name="cal", iteration_details=True, log_dir=logs, seed=seed, prefix_caching=False,
                      max_model_len=min(int(cfg.get("max_position_embeddings", 2048)), 1024)) as c:
         samples = sweep(c.instances[0]["url"], "cal", logs / "C0.log", rounds, seed, min(256, spec.vocab_size),
                         budget_s=max(10.0, budget_s - (time.monotonic() - t0)))
+        overheads = probe_overheads(c.instances[0]["url"], "cal", logs / "C0.log", seed=seed + 1,
+                                    vocab=min(256, spec.vocab_size))
     version = subprocess.run([str(vllm_python()), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
                              text=True, timeout=120).stdout.strip()
     env = {"backend": "vllm", "vllm_version": version, "device": "cpu", "threads": 1, "enforce_eager": True,
            "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
     profile = fit_profile(samples, name or f"vllm-{Path(str(model)).name}-cpu-bf16", spec, env,
-                          {"budget_s": budget_s, "wall_s": round(time.monotonic() - t0, 1), "seed": seed})
+                          {"budget_s": budget_s, "wall_s": round(time.monotonic() - t0, 1), "seed": seed}, overheads)
     if out is not None:
         import pyarrow as pa
         import pyarrow.parquet as pq

@@ -8,6 +8,12 @@ Every profile, whatever its source, answers with the same explicit formulas (tim
                                        = batch * max(context)         (decode_context "padded": every sequence
                                                                        padded to the longest, as disagg's CPU runner)
     transfer(nbytes)    = latency_s + nbytes / bandwidth_bytes_per_s   (a link preset or a measured transport)
+    request_overhead_s  = a fixed delay before a request can be scheduled on an instance (default 0)
+
+``request_overhead_s`` is for servers whose requests pass through an HTTP front end and another process before the
+engine sees them (vLLM: API server -> EngineCore), with the way back to the client folded in: every request pays it
+at its first instance, and in disaggregated mode again at the decode instance (added to the transfer's latency). It
+is a delay, not busy time: other requests keep being served meanwhile.
 
 A chunk of ``n`` new tokens on top of ``p`` cached ones counts ``(p + n)^2 - p^2`` towards ``sum(len^2)``, so chunked
 prefill costs the same attention work in total as one whole prefill. The optional ``e`` term (absent = 0) is for
@@ -26,7 +32,8 @@ JSON format (``format: disagg.cost_profile``, ``version: 1``)::
      "prefill": {"a_s": .., "b_s": .., "c_s": .., "d_s": .., "e_s": ..},     # e_s optional, written only if != 0
      "decode": [{"max_batch": 8, "a_s": .., "b_s": .., "c_s": ..}, ...],     # ascending max_batch; last covers all
      "links": {"shm": {"bandwidth_bytes_per_s": .., "latency_s": ..}, ...},  # measured transports (optional)
-     "memory_bytes": int | null,  "fit": {...held-out errors...}, "environment": {...}, "meta": {...}}
+     "memory_bytes": int | null,  "fit": {...held-out errors...}, "environment": {...}, "meta": {...},
+     "request_overhead_s": float}                                            # optional, 0 when absent
 """
 
 from __future__ import annotations
@@ -114,6 +121,7 @@ class CostProfile:
     fit: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    request_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.source not in ("constant", "roofline", "calibrated", "imported"):
@@ -124,6 +132,9 @@ class CostProfile:
         object.__setattr__(self, "decode", pieces)
         if self.tp < 1:
             raise ValueError(f"profile {self.name!r}: tp must be >= 1")
+        if not (math.isfinite(self.request_overhead_s) and self.request_overhead_s >= 0):
+            raise ValueError(f"profile {self.name!r}: request_overhead_s must be a finite number >= 0, "
+                             f"got {self.request_overhead_s!r}")
         if self.decode_context not in ("sum", "padded"):
             raise ValueError(f"profile {self.name!r}: decode_context must be 'sum' or 'padded', got {self.decode_context!r}")
 
@@ -162,6 +173,7 @@ class CostProfile:
             "links": {k: {"bandwidth_bytes_per_s": v.bandwidth_bytes_per_s, "latency_s": v.latency_s}
                       for k, v in self.links.items()},
             "memory_bytes": self.memory_bytes, "decode_context": self.decode_context, "fit": self.fit, "environment": self.environment, "meta": self.meta,
+            **({"request_overhead_s": self.request_overhead_s} if self.request_overhead_s else {}),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -185,6 +197,7 @@ class CostProfile:
             links = {k: LinkSpec(k, float(v["bandwidth_bytes_per_s"]), float(v["latency_s"]))
                      for k, v in (d.get("links") or {}).items()}
             model = ModelSpec(**d["model"]) if d.get("model") else None
+            overhead = float(d.get("request_overhead_s", 0.0))
         except KeyError as e:
             raise ValueError(f"{where}: missing key {e}") from e
         except (TypeError, ValueError) as e:
@@ -196,7 +209,8 @@ class CostProfile:
                    decode=decode, tp=int(d.get("tp", 1)), hardware=str(d.get("hardware", "")),
                    dtype=str(d.get("dtype", "bf16")), model=model, links=links, memory_bytes=d.get("memory_bytes"),
                    decode_context=str(d.get("decode_context", "sum")),
-                   fit=d.get("fit") or {}, environment=d.get("environment") or {}, meta=d.get("meta") or {})
+                   fit=d.get("fit") or {}, environment=d.get("environment") or {}, meta=d.get("meta") or {},
+                   request_overhead_s=overhead)
 
     @classmethod
     def load(cls, path: str | Path) -> CostProfile:

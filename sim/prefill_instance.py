@@ -30,8 +30,10 @@ if TYPE_CHECKING:
 
 
 class PrefillInstance:
-    def __init__(self, ctx: SimContext, name: str, pool: PoolSpec, profile: CostProfile, capacity_tokens: int):
+    def __init__(self, ctx: SimContext, name: str, pool: PoolSpec, profile: CostProfile, capacity_tokens: int,
+                 first_token: str = "prefill"):
         self.ctx, self.name, self.pool, self.profile = ctx, name, pool, profile
+        self.decode_emits_first = first_token == "decode"  # `Topology.first_token`
         self.blocks = BlockPool(capacity_tokens // pool.block_size_tokens, pool.block_size_tokens)
         self.queue: deque[SimSeq] = deque()  # arrived, waiting for a prefill batch
         self.outstanding = 0
@@ -114,11 +116,16 @@ class PrefillInstance:
             ctx.end_step()
             self.busy_s += dur
             end = env.now
+            decode_emits_first = self.decode_emits_first
             for s in batch:
                 rec = s.rec
-                rec.prefill_end_s = rec.first_token_s = s.last_token_s = end
+                rec.prefill_end_s = s.last_token_s = end
                 s.context = rec.prompt_tokens
-                s.remaining = rec.output_tokens - 1
+                if decode_emits_first:  # first_token_s is set by the decode instance's first step (RunningBatch)
+                    s.remaining = rec.output_tokens
+                else:
+                    rec.first_token_s = end
+                    s.remaining = rec.output_tokens - 1
                 if s.remaining == 0:
                     self.release(s)
                     s.decode_instance.outstanding -= 1

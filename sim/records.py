@@ -6,7 +6,9 @@ The request lifecycle (phase names are the field names; all times in seconds on 
     prefill_start_s      a prefill (or colocated) instance starts the batch holding it
     prefill_end_s        that batch ends; the first output token is sampled here
     first_token_s        the first token reaches the client: == prefill_end_s (both modes; disaggregated: the prefill
-                         instance produces and delivers it, the decode instance produces tokens 2..N)
+                         instance produces and delivers it, the decode instance produces tokens 2..N) — except with
+                         `Topology.first_token` "decode" (vLLM's P/D): the end of the decode instance's first step
+                         for the request, which produces tokens 1..N
     kv_transfer_start_s  disaggregated only: the prompt's KV starts moving to the decode instance
     kv_transfer_end_s    ... and has fully arrived (NaN when colocated, or when output_tokens == 1)
     decode_start_s       the request joins a decode batch (after admission: it may wait for KV blocks)

@@ -193,6 +193,11 @@ class RunningBatch:
         if self._new:
             for s in self._new:  # joined since the last segment: the gap since its own last token
                 if s.member:
+                    if s.rec.first_token_s != s.rec.first_token_s:  # NaN: its first token is this segment's first
+                        s.rec.first_token_s = first_end  # (`Topology.first_token` "decode"); not an inter-token gap
+                        if done > 1 and last_step > s.rec.max_itl_s:
+                            s.rec.max_itl_s = last_step
+                        continue
                     gap = first_end - s.last_token_s
                     if done > 1 and last_step > gap:
                         gap = last_step

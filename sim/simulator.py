@@ -160,10 +160,11 @@ def simulate(topology: Topology, workload: Workload, profile: CostProfile | Mapp
         ranks = min(pre.tp, dec.tp)
         for role, p in (("prefill", pre), ("decode", dec)):
             caps[role] = _capacity(p, model, profiles[role])
-        pools["prefill"] = [PrefillInstance(ctx, f"P{i}", pre, profiles["prefill"], caps["prefill"])
-                            for i in range(pre.instances)]
+        pools["prefill"] = [PrefillInstance(ctx, f"P{i}", pre, profiles["prefill"], caps["prefill"],
+                                            topology.first_token) for i in range(pre.instances)]
+        handoff = link.latency_s + profiles["decode"].request_overhead_s  # the decode server's own request delay
         pools["decode"] = [DecodeInstance(ctx, f"D{i}", dec, profiles["decode"], caps["decode"],
-                                          SharedLink(env, link.bandwidth_bytes_per_s * ranks, link.latency_s, f"D{i}"))
+                                          SharedLink(env, link.bandwidth_bytes_per_s * ranks, handoff, f"D{i}"))
                            for i in range(dec.instances)]
     policy = get_policy(topology.router)
     states: dict[str, dict] = {role: {} for role in pools}
@@ -175,10 +176,11 @@ def simulate(topology: Topology, workload: Workload, profile: CostProfile | Mapp
         first, second = (pools["colocated"], None) if colocated else (pools["prefill"], pools["decode"])
         first_state, second_state = states["colocated" if colocated else "prefill"], states.get("decode")
         records, max_context, nan = ctx.records, model.max_context_tokens, math.nan
+        delay = profiles["colocated" if colocated else "prefill"].request_overhead_s  # `CostProfile`: same for all
         for order, spec in enumerate(workload.requests):
             now = env.now
-            if spec.arrival_s > now:
-                yield env.timeout(spec.arrival_s - now)
+            if spec.arrival_s + delay > now:
+                yield env.timeout(spec.arrival_s + delay - now)
             rec = RequestRecord(spec.id, spec.arrival_s, spec.prompt_tokens, spec.output_tokens)
             total = spec.prompt_tokens + spec.output_tokens
             if total > max_context:

@@ -75,7 +75,10 @@ class PoolSpec:
 class Topology:
     """Colocated: one ``colocated`` pool. Disaggregated: a ``prefill`` and a ``decode`` pool joined by ``link``.
 
-    ``router``: a policy name from `sim.router.POLICIES`.
+    ``router``: a policy name from `sim.router.POLICIES`. ``first_token`` (disaggregated): which instance produces a
+    request's first output token — ``"prefill"`` (disagg's engine: the prefill step's token goes to the client at
+    once) or ``"decode"`` (vLLM's P/D: the prefill instance's token is dropped, the decode instance produces every
+    output token once the KV has arrived, so TTFT includes the transfer and a decode step).
     """
 
     kind: str
@@ -84,6 +87,7 @@ class Topology:
     router: str = "round_robin"
     name: str = ""
     meta: dict = field(default_factory=dict, compare=False)
+    first_token: str = "prefill"
 
     def __post_init__(self) -> None:
         roles = sorted(p.role for p in self.pools)
@@ -95,6 +99,8 @@ class Topology:
                 raise ValueError(f"disaggregated topology needs one prefill and one decode pool, got {roles}")
         else:
             raise ValueError(f"topology kind must be 'colocated' or 'disaggregated', got {self.kind!r}")
+        if self.first_token not in ("prefill", "decode"):
+            raise ValueError(f"first_token must be 'prefill' or 'decode', got {self.first_token!r}")
         if not self.name:
             object.__setattr__(self, "name", self.label)
 

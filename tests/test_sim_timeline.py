@@ -48,6 +48,49 @@ def test_one_request_disaggregated_transfer_in_first_gap():
     assert r["kv_bytes"] == 20_480 and (r["prefill_instance"], r["decode_instance"]) == ("P0", "D0")
 
 
+def test_decode_instance_emits_first_token_like_vllm_pd():
+    """`Topology.first_token` "decode": the prefill's token is dropped; the decode instance produces all 5 tokens,
+    the first at the end of its first step after the KV arrived (TTFT includes the transfer and one decode step)."""
+    from dataclasses import replace
+
+    link = LinkSpec("slow", bandwidth_bytes_per_s=20_480, latency_s=0.5)
+    prof = CostProfile("c", "constant", PrefillCost(1.0), (DecodePiece(1 << 30, 0.1),), links={"slow": link})
+    topo = replace(Topology.disaggregated(1, 1, kv_capacity_tokens=1000, link="slow"), first_token="decode")
+    recs = run(topo, [0.0, 10.0], [10, 10], [5, 1], prof)
+    r = recs[0]
+    assert r["prefill_end_s"] == 1.0 and r["decode_start_s"] == approx(2.5)
+    assert r["first_token_s"] == approx(2.6)  # 1 s prefill + 1.5 s transfer + one 0.1 s decode step
+    assert r["last_token_s"] == approx(3.0)  # tokens 2..5: four more steps
+    assert r["max_itl_s"] == approx(0.1)  # the wait for the first token is TTFT, not an inter-token gap
+    one = recs[1]  # a single output token also comes from the decode instance, after its KV transfer
+    assert one["status"] == "ok" and not math.isnan(one["kv_transfer_end_s"])
+    assert (one["kv_transfer_end_s"], one["first_token_s"]) == (approx(12.5), approx(12.6))
+    assert one["last_token_s"] == one["first_token_s"]
+    with pytest.raises(ValueError, match="first_token"):
+        replace(topo, first_token="router")
+
+
+def test_request_overhead_delays_scheduling_at_each_server():
+    """`CostProfile.request_overhead_s`: a request becomes schedulable that long after it arrives, at its first
+    instance and again at the decode instance (with the transfer's latency); a delay, not busy time."""
+    from dataclasses import replace
+
+    link = LinkSpec("slow", bandwidth_bytes_per_s=20_480, latency_s=0.5)
+    prof = CostProfile("c", "constant", PrefillCost(1.0), (DecodePiece(1 << 30, 0.1),), links={"slow": link},
+                       request_overhead_s=0.25)
+    c = run(Topology.colocated(1, kv_capacity_tokens=1000), [0.0, 0.1], [10, 10], [2, 2], prof)
+    assert (c[0]["prefill_start_s"], c[0]["first_token_s"]) == (0.25, 1.25)
+    assert c[1]["prefill_start_s"] == approx(1.25)  # queued behind the first prefill, not behind its overhead
+    topo = replace(Topology.disaggregated(1, 1, kv_capacity_tokens=1000, link="slow"), first_token="decode")
+    d = run(topo, [0.0], [10], [5], prof)[0]
+    assert (d["prefill_start_s"], d["prefill_end_s"]) == (0.25, 1.25)
+    assert d["kv_transfer_end_s"] == approx(1.25 + 0.5 + 0.25 + 1.0) and d["first_token_s"] == approx(3.1)
+    again = CostProfile.from_dict(prof.to_dict())
+    assert again.request_overhead_s == 0.25 and "request_overhead_s" not in PROFILE.to_dict()
+    with pytest.raises(ValueError, match="request_overhead_s"):
+        replace(prof, request_overhead_s=-1.0)
+
+
 def test_single_output_token_finishes_at_prefill_end_without_transfer():
     r = run(Topology.disaggregated(1, 1, kv_capacity_tokens=1000), [0.0], [10], [1])[0]
     assert r["finished_s"] == 1.0 and math.isnan(r["kv_transfer_start_s"]) and r["status"] == "ok"

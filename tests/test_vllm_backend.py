@@ -6,6 +6,7 @@ near-ties; fp32 as well, see DTYPE). Without the vLLM virtualenv these tests FAI
 """
 
 import math
+import os
 
 import httpx
 import pytest
@@ -54,7 +55,7 @@ def _complete(url: str, prompt: list[int], stream: bool) -> tuple[list[int], dic
     return ids, rec
 
 
-def _run(model_dir, label: str) -> tuple[list[list[int]], list[dict], dict]:
+def _run(model_dir, label: str) -> tuple[list[list[int]], list[dict], dict, dict, dict]:
     from engine.cli import parse_topology
     from engine.vllm_backend.cluster import VllmCluster
     from engine.vllm_backend.serve import vllm_topology
@@ -69,7 +70,9 @@ def _run(model_dir, label: str) -> tuple[list[list[int]], list[dict], dict]:
             recs.append(rec)
         health = httpx.get(f"{c.url}/health", timeout=30).json()
         metrics = {i["name"]: httpx.get(f"{i['url']}/metrics", timeout=30).text for i in c.instances}
-    return outs, recs, health, metrics
+        # the CPUs each model process's main thread (the one running the model) may run on
+        cores = {name: os.sched_getaffinity(pid) for name, pid in c.model_workers().items()}
+    return outs, recs, health, metrics, cores
 
 
 def _metric(text: str, name: str) -> float:
@@ -126,7 +129,8 @@ def _check_record(rec: dict, prompt: list[int], disaggregated: bool) -> None:
 
 
 def test_plain_2c_balances_and_records(plain_2c):
-    outs, recs, health, _ = plain_2c
+    outs, recs, health, _, cores = plain_2c
+    assert set(cores) == {"C0", "C1"} and cores["C0"].isdisjoint(cores["C1"]), cores
     assert health["status"] == "ok" and set(health["workers"]) == {"C0", "C1"}
     assert all(len(o) == MAX_TOKENS for o in outs)
     assert {r["prefill_instance"] for r in recs} == {"C0", "C1"}  # round robin over both instances
@@ -136,9 +140,12 @@ def test_plain_2c_balances_and_records(plain_2c):
 
 def test_nixl_1p1d_equals_plain_vllm_token_for_token(plain_2c, nixl_1p1d):
     ref = plain_2c[0]
-    outs, recs, health, metrics = nixl_1p1d
+    outs, recs, health, metrics, cores = nixl_1p1d
     assert health["status"] == "ok" and set(health["workers"]) == {"P0", "D0"}
     assert outs == ref
+    # one core each: vLLM's NIXL connector moves its caller (the model thread) to the last core unless the vllm_site
+    # hook restores it, and then P and D computed on one core of two
+    assert set(cores) == {"P0", "D0"} and cores["P0"].isdisjoint(cores["D0"]), cores
     # the decode instance really pulled the prompts' KV over NIXL (and nothing failed)
     assert _metric(metrics["D0"], "vllm:nixl_bytes_transferred_sum") > 0
     assert _metric(metrics["D0"], "vllm:nixl_num_failed_transfers_total") == 0

@@ -1,6 +1,8 @@
-"""Parsing vLLM's per-iteration log lines and replaying a burst's contexts (no vLLM needed), and fit recovery."""
+"""Parsing vLLM's per-iteration log lines and replaying a burst's contexts, fit recovery (no vLLM needed), and one
+short real calibration against a vLLM server (marked vllm)."""
 
 import numpy as np
+import pytest
 
 from calibrate.vllm_iterations import burst_samples, fit_profile, parse_iterations
 from sim.model_spec import PRESETS
@@ -46,3 +48,35 @@ def test_fit_recovers_known_coefficients():
     assert np.isclose(prof.prefill_s([100, 200]), 0.01 + 4e-5 * 300 + 7e-8 * 50000, rtol=0.01)
     assert np.isclose(prof.decode_step_s(8, 8 * 300), 0.007 + 3e-5 * 8 + 1e-6 * 2400, rtol=0.01)
     assert prof.fit["prefill"]["heldout_mape"] < 0.01 and prof.fit["decode"]["heldout_mape"] < 0.01
+
+
+def test_fit_adds_the_probed_overheads():
+    """The step overhead goes into every formula's fixed term, the request overhead into the profile."""
+    samples = [{"phase": "prefill", "num_seqs": b, "sum_tokens": b * n, "sum_sq_tokens": b * n * n, "length": n,
+                "time_s": 0.01 + 4e-5 * b * n} for b in (1, 2, 4) for n in (16, 64, 160, 320)]
+    samples += [{"phase": "decode", "num_seqs": b, "sum_tokens": b * (n + 1), "sum_sq_tokens": 0, "length": n,
+                 "time_s": 0.007 + 1e-6 * b * (n + 1)} for b in (1, 2, 4, 8) for n in (32, 192, 448)]
+    plain = fit_profile(samples, "t", PRESETS["tiny"], {}, {})
+    over = fit_profile(samples, "t", PRESETS["tiny"], {}, {}, {"step_s": 0.002, "request_s": 0.005, "probes": {}})
+    assert np.isclose(over.prefill_s([100]) - plain.prefill_s([100]), 0.002)
+    assert np.isclose(over.decode_step_s(4, 800) - plain.decode_step_s(4, 800), 0.002)
+    assert (plain.request_overhead_s, over.request_overhead_s) == (0.0, 0.005)
+    assert over.fit["overheads"]["step_s"] == 0.002
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(900)
+def test_calibrate_vllm_end_to_end_with_overhead_probes(tmp_path):
+    """A short real calibration: one eager vLLM server, the iteration-log sweep, the overhead probes, the fit."""
+    from calibrate.vllm_iterations import calibrate_vllm
+    from sim import CostProfile
+
+    prof = calibrate_vllm("tiny", budget_s=15, rounds=1, out=tmp_path / "v.json", log_dir=tmp_path / "logs")
+    over = prof.fit["overheads"]
+    assert over["probes"]["step"] >= 6 and over["probes"]["request"] >= 3
+    # a streamed token and an HTTP request cost something beyond the logged model step, but not seconds
+    assert 0 < over["step_s"] < 0.1 and 0 < over["request_s"] < 1.0
+    assert prof.request_overhead_s == over["request_s"]
+    assert 0 < prof.decode_step_s(1, 100) < 1.0 and prof.prefill_s([256]) > prof.prefill_s([16]) > 0
+    again = CostProfile.load(tmp_path / "v.json")
+    assert again.request_overhead_s == prof.request_overhead_s and (tmp_path / "v.samples.parquet").is_file()

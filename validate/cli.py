@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         console = Console(width=170)
         if backend == "vllm":  # vLLM backend hook: validate/vllm_runner.py
             _validate_vllm(console, model, topologies, loads, workload, num_requests, profile, budget_s, burst,
-                           length_scale, max_error, seed, out)
+                           length_scale, max_error, seed, out, host_contention)
             return
         if backend != "builtin":
             fail(f"--backend must be builtin or vllm, got {backend!r}")
@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _validate_vllm(console, model, topologies, loads, workload, num_requests, profile, budget_s, burst, length_scale,
-                   max_error, seed, out: Path) -> None:
+                   max_error, seed, out: Path, host_contention: bool = True) -> None:
     import json
 
     from disagg_cli.main import fail
@@ -82,7 +82,7 @@ def _validate_vllm(console, model, topologies, loads, workload, num_requests, pr
             report, thr = validate_vllm(model, tuple(t for t in topologies.split(",") if t.strip()), load, workload,
                                         num_requests, profile, budget_s, seed, burst, length_scale,
                                         progress=lambda msg: status.update(f"validate vllm: {msg}"),
-                                        log_dir=out / "logs")
+                                        log_dir=out / "logs", host_contention=host_contention)
     except (ValidateError, ClusterError, FileNotFoundError, ValueError, RuntimeError) as e:
         fail(str(e))
     s = write(report, out, max_error=max_error)

@@ -10,20 +10,27 @@ same burst on the same topology (``throughput_topology``), giving the output-tok
 
 Pool settings shared by vLLM and the simulator: block 32, ``max_num_seqs`` = max_batch_size, ``max_num_batched_tokens``
 = max_batch_tokens, chunked prefill on for colocated pools (vLLM V1 always mixes prefill chunks with decodes), KV
-capacity = ``VLLM_CPU_KVCACHE_SPACE`` / KV bytes per token. The NIXL link given to the simulator is measured in the
-same 1P1D run from the decode instance's ``vllm:nixl_xfer_time_seconds`` / ``vllm:nixl_bytes_transferred``
-histograms (bandwidth = bytes / time over all transfers, latency 0) — measured after the fact, so it is a best case
-for the simulator's transfer term.
+capacity = ``VLLM_CPU_KVCACHE_SPACE`` / KV bytes per token, prefix caching off (the simulator has none; the capacity
+burst also uses other prompts than the measured run). The NIXL link given to the simulator is measured in the same
+1P1D run from the decode instance's ``vllm:nixl_xfer_time_seconds`` / ``vllm:nixl_bytes_transferred`` histograms
+(bandwidth = bytes / time over all transfers, latency 0) — measured after the fact, so it is a best case for the
+simulator's transfer term.
 
-Known semantic gap (reported, not hidden): in vLLM P/D the decode instance produces every output token, the first
-after pulling the KV and recomputing the last prompt token, so the router's ``first_token_s`` (TTFT) includes the KV
-transfer; the simulator (like disagg's engine) delivers the first token from the prefill instance.
+What the simulator is told about vLLM (besides the fitted step times):
+- P/D semantics: the decode instance produces every output token, the first after pulling the KV and recomputing the
+  last prompt token (`Topology.first_token` "decode"), so TTFT includes the transfer and a decode step;
+- the profile's step and request overheads (`calibrate.vllm_iterations.probe_overheads`): the request overhead is
+  paid at the first instance and again at the decode instance;
+- host contention (`HostCPU`): the ``VLLM::Worker`` processes are the instances; everything else on the host during
+  the run (API servers, EngineCores, disagg's router, the load generator, other jobs) is measured as background CPU.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -35,9 +42,17 @@ from sim.cost_profile import CostProfile
 from sim.hardware import LinkSpec
 from sim.model_spec import from_hf_config
 from sim.simulator import simulate
-from sim.topology import Topology
+from sim.topology import HostCPU, Topology
 from validate.compare import compare
-from validate.runner import RunResult, ValidateError, ValidationReport, _replay, scaled_workload
+from validate.runner import (
+    RunResult,
+    ValidateError,
+    ValidationReport,
+    _host_busy_s,
+    _proc_cpu_s,
+    _replay,
+    scaled_workload,
+)
 
 log = logging.getLogger(__name__)
 KV_GIB = 1
@@ -59,6 +74,8 @@ def vllm_topology(label: str, kv_bytes_per_token: int, max_batch_size: int = 64)
         raise ValidateError(f"--topologies: {e}") from None
     if t.kind == "colocated":
         t = replace(t, pools=tuple(replace(p, chunked_prefill=True) for p in t.pools))
+    else:  # vLLM's P/D: the decode instance produces every output token, the first one after the KV pull
+        t = replace(t, first_token="decode")
     return t
 
 
@@ -77,7 +94,7 @@ def validate_vllm(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1
                   workload: str = "azure-conv", num_requests: int = 30, profile: str | Path | None = None,
                   budget_s: float = 90.0, seed: int = 0, burst: int = 16, length_scale: float | None = None,
                   throughput_topology: str | None = "2C", progress: Callable[[str], None] | None = None,
-                  log_dir: Path | None = None) -> tuple[ValidationReport, dict]:
+                  log_dir: Path | None = None, host_contention: bool = True) -> tuple[ValidationReport, dict]:
     """Run the loop in the module docstring; returns the report (as `validate.runner.validate`'s) and the throughput
     comparison ``{"vllm": {...}, "builtin": {...}, "ratio_builtin_over_vllm": x}``. Raises ValidateError on bad input,
     `engine.cluster.ClusterError` when servers cannot start."""
@@ -100,7 +117,8 @@ def validate_vllm(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1
         prof = calibrate_vllm(model, budget_s, rounds=50, seed=seed)
     report = ValidationReport(prof, {}, config={"backend": "vllm", "model": model, "topologies": list(topologies),
                                                 "loads": [load], "workload": workload, "num_requests": num_requests,
-                                                "seed": seed, "burst": burst, "kv_cache_gib": KV_GIB})
+                                                "seed": seed, "burst": burst, "kv_cache_gib": KV_GIB,
+                                                "host_contention": host_contention})
     ramp = scaled_workload(workload, spec, burst, rate_rps=1e6, seed=seed + 7, length_scale=length_scale)
     thr: dict = {"workload": f"{burst} requests at once ({ramp.name})"}
     for label in topologies:
@@ -108,9 +126,9 @@ def validate_vllm(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1
         say(f"{label}: starting vLLM")
         logs = Path(log_dir) / label if log_dir else None
         with VllmCluster(folder, topo, model_name="tiny" if str(model) == "tiny" else folder.name,
-                         kv_cache_gib=KV_GIB, seed=seed, log_dir=logs) as c:
+                         kv_cache_gib=KV_GIB, seed=seed, log_dir=logs, prefix_caching=False) as c:
             say(f"{label}: capacity burst ({burst} requests at once)")
-            ramp_real = run_load(c.url, ramp, seed=seed)
+            ramp_real = run_load(c.url, ramp, seed=seed + 7)  # other prompts than the measured run's
             t = _throughput(ramp_real)
             if t["ok"] < 2:
                 raise ValidateError(f"{label}: the capacity burst completed {t['ok']} of {burst} requests")
@@ -119,7 +137,12 @@ def validate_vllm(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1
                 thr["vllm"] = t
             w = scaled_workload(workload, spec, num_requests, load * cap, seed, length_scale)
             say(f"{label}: {num_requests} requests at {load:.0%} of {cap:.2f} req/s")
+            workers = list(c.model_workers().values())
+            busy0, work0, t0 = _host_busy_s(), sum(_proc_cpu_s(p) for p in workers), time.monotonic()
             real = run_load(c.url, w, seed=seed)
+            busy1, work1, t1 = _host_busy_s(), sum(_proc_cpu_s(p) for p in workers), time.monotonic()
+            host = {"model_workers": len(workers), "workers_cpu": (work1 - work0) / max(t1 - t0, 1e-9),
+                    "background_cpu": max(0.0, ((busy1 - busy0) - (work1 - work0)) / max(t1 - t0, 1e-9))}
             import httpx
             metrics = {i["name"]: httpx.get(f"{i['url']}/metrics", timeout=30).text for i in c.instances}
         sim_prof = prof
@@ -130,8 +153,9 @@ def validate_vllm(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1
                 raise ValidateError(f"{label}: the decode instance reports no NIXL transfers")
             sim_prof = replace(prof, links={**prof.links, "nixl": LinkSpec("nixl", nbytes / secs, 0.0)})
             report.config["nixl_bandwidth_bytes_per_s"] = nbytes / secs
-        sim = simulate(topo, _replay(real, w), sim_prof, model=spec, seed=seed).records
-        report.runs.append(RunResult(label, load, load * cap, 0, real, sim, compare(real, sim)))
+        cpu = HostCPU(os.cpu_count() or 1, host["background_cpu"]) if host_contention else None
+        sim = simulate(topo, _replay(real, w), sim_prof, model=spec, seed=seed, host=cpu).records
+        report.runs.append(RunResult(label, load, load * cap, 0, real, sim, {**compare(real, sim), "host": host}))
     if throughput_topology:
         say(f"built-in engine {throughput_topology}: the same burst")
         with Cluster(folder, Topology.from_label(throughput_topology), seed=seed) as c:

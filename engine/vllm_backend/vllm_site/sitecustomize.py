@@ -1,16 +1,24 @@
-"""Imported at start-up by every vLLM process `VllmCluster` launches (its folder is their ``PYTHONPATH``): gives NIXL's
-UCX progress thread a poll timeout so it stops spinning a whole core.
+"""Imported at start-up by every vLLM process `VllmCluster` launches (its folder is their ``PYTHONPATH``): two fixes
+to vLLM's NIXL P/D path on CPU, each applied when its module is first imported, each switched by an environment
+variable that `engine.vllm_backend.cluster.VllmCluster.vllm_env` sets (unset or 0: that module is left untouched).
 
-NIXL's Python agent (nixl 1.5.1, ``nixl_cuXX/_api.py``) always builds its agent with ``pthrDelay = 0``; the UCX
-plugin's shared progress thread rounds that up to whole milliseconds (0) and calls ``poll(fds, 0)`` in a loop, so
-each vLLM worker with the NIXL connector burns one core even when idle (measured: 1.98 CPU-s per 2 s for an idle
-agent; 0.03 with this hook). vLLM passes no agent option for it. On a 2-core host the two spinning threads of a
-1P1D pair (each bound to its worker's core) starved the engines: overlapping requests took 3-45 s and decode
-starts stalled for ~30 s (until the prefill side's KV lease expired). The thread still wakes at once on UCX
-events; the delay is only its periodic fall-back wake-up.
+1. ``DISAGG_NIXL_PROGRESS_DELAY_US``: a poll timeout for NIXL's UCX progress thread, so it stops spinning a core.
+   NIXL's Python agent (nixl 1.5.1, ``nixl_cuXX/_api.py``) always builds its agent with ``pthrDelay = 0``; the UCX
+   plugin's shared progress thread rounds that to whole milliseconds (0) and calls ``poll(fds, 0)`` in a loop, so each
+   vLLM worker with the NIXL connector burns one core even when idle (measured: 1.98 CPU-s per 2 s for an idle agent;
+   0.03 with this hook). vLLM passes no agent option for it. On a 2-core host the two spinning threads of a 1P1D pair
+   starved the engines: overlapping requests took 3-45 s and decode starts stalled for ~30 s (until the prefill
+   side's KV lease expired). The thread still wakes at once on UCX events; the delay is its fall-back wake-up.
 
-``DISAGG_NIXL_PROGRESS_DELAY_US`` (set by `engine.vllm_backend.cluster.VllmCluster.vllm_env`) is the delay; unset
-or 0 leaves NIXL untouched. Standard library only: this runs in vLLM's interpreter, before anything else.
+2. ``DISAGG_VLLM_KEEP_AFFINITY``: keep the worker's CPU binding through the NIXL connector's set-up. On CPU, vLLM
+   0.32's ``NixlBaseConnectorWorker.__init__`` (``nixl/base_worker.py``, "reserve different cores for
+   start_load_kv()") calls ``os.sched_setaffinity(0, [last core of each NUMA node])`` — on the thread that builds it,
+   which is the worker's main thread, the one that runs the model. Every P/D worker thus ends up on the same last
+   core whatever ``VLLM_CPU_OMP_THREADS_BIND`` said: measured on this 2-core host, the prefill worker's main thread
+   was moved from core 0 to core 1, next to the decode worker, and a 1P1D pair computed on one core (prefill
+   iterations of 2,048 tokens took 1.9-3.6 s instead of ~0.5 s). The hook restores the thread's affinity after it.
+
+Standard library only: this runs in vLLM's interpreter, before anything else.
 """
 
 import importlib.abc
@@ -19,14 +27,53 @@ import os
 import sys
 
 _DELAY_US = int(os.environ.get("DISAGG_NIXL_PROGRESS_DELAY_US") or 0)
-_BINDINGS = {"nixl._bindings", "nixl_cu12._bindings", "nixl_cu13._bindings"}
+_KEEP_AFFINITY = os.environ.get("DISAGG_VLLM_KEEP_AFFINITY", "0") not in ("", "0")
+_NIXL_WORKER = "vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker"
 
 
-class _NixlDelayFinder(importlib.abc.MetaPathFinder):
-    """Loads NIXL's compiled bindings as usual, then wraps ``nixlAgent`` to set the agent config's ``pthrDelay``."""
+def _patch_nixl_bindings(module) -> None:
+    """Wrap ``nixlAgent`` to set the agent config's ``pthrDelay`` (fix 1)."""
+    agent = getattr(module, "nixlAgent", None)
+    if agent is None:  # another NIXL layout: leave it as it is
+        return
+
+    def nixl_agent(name, config):
+        config.pthrDelay = _DELAY_US
+        return agent(name, config)
+    module.nixlAgent = nixl_agent
+
+
+def _patch_nixl_worker(module) -> None:
+    """Restore the calling thread's CPU affinity after ``NixlBaseConnectorWorker.__init__`` (fix 2)."""
+    cls = getattr(module, "NixlBaseConnectorWorker", None)
+    if cls is None or not hasattr(os, "sched_getaffinity"):
+        return
+    init = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        before = os.sched_getaffinity(0)
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            if os.sched_getaffinity(0) != before:
+                os.sched_setaffinity(0, before)
+    cls.__init__ = __init__
+
+
+_PATCHES = {}
+if _DELAY_US > 0:
+    _PATCHES.update(dict.fromkeys(("nixl._bindings", "nixl_cu12._bindings", "nixl_cu13._bindings"),
+                                  _patch_nixl_bindings))
+if _KEEP_AFFINITY:
+    _PATCHES[_NIXL_WORKER] = _patch_nixl_worker
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Loads a module named in ``_PATCHES`` as usual, then applies its patch."""
 
     def find_spec(self, name, path, target=None):
-        if name not in _BINDINGS:
+        patch = _PATCHES.get(name)
+        if patch is None:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
@@ -35,17 +82,10 @@ class _NixlDelayFinder(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             load(module)
-            agent = getattr(module, "nixlAgent", None)
-            if agent is None:  # another NIXL layout: leave it as it is
-                return
-
-            def nixl_agent(name, config):
-                config.pthrDelay = _DELAY_US
-                return agent(name, config)
-            module.nixlAgent = nixl_agent
+            patch(module)
         spec.loader.exec_module = exec_module
         return spec
 
 
-if _DELAY_US > 0:
-    sys.meta_path.insert(0, _NixlDelayFinder())
+if _PATCHES:
+    sys.meta_path.insert(0, _PatchAfterImport())
