@@ -114,6 +114,36 @@ def test_nixl_progress_thread_idles_under_the_vllm_site_hook(vllm_python):
     assert float(out.stdout.split()[-1]) < 0.3  # CPU seconds in one idle second; ~1.0 when the thread spins
 
 
+def test_shm_queue_readers_nap_instead_of_spinning_under_the_vllm_site_hook(vllm_python):
+    """vLLM's shm message-queue readers busy-wait with sched_yield for 1 s after each read (an EngineCore spins while
+    its worker computes); with `VllmCluster`'s environment, vLLM's own SpinCondition naps per check instead."""
+    import subprocess
+
+    from engine.cli import parse_topology
+    from engine.vllm_backend.cluster import SHM_SPIN_SLEEP_US, VllmCluster
+    from engine.vllm_backend.serve import vllm_topology
+
+    code = ("import os, time, zmq\n"
+            "from vllm.distributed.device_communicators.shm_broadcast import SpinCondition\n"
+            "ctx = zmq.Context(); addr = 'ipc:///tmp/disagg-spin-test-%d' % os.getpid()\n"
+            "writer = SpinCondition(is_reader=False, context=ctx, notify_address=addr)\n"
+            "reader = SpinCondition(is_reader=True, context=ctx, notify_address=addr)\n"
+            "reader.record_read(); t, c = time.perf_counter(), time.process_time()\n"
+            "for _ in range(500): reader.wait(timeout_ms=1000)\n"
+            "print(SpinCondition.wait.__name__, time.perf_counter() - t, time.process_time() - c)\n")
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    hooked = dict(base, **VllmCluster("tiny", vllm_topology(parse_topology("2C", max_batch_size=8))).vllm_env())
+    out = {}
+    for name, env in (("vllm", base), ("hooked", hooked)):
+        r = subprocess.run([str(vllm_python), "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[name] = r.stdout.split()[-3:]
+    assert out["vllm"][0] == "wait" and out["hooked"][0] == "spin_sleeping_wait", out
+    wall, cpu = float(out["hooked"][1]), float(out["hooked"][2])
+    assert wall >= 500 * SHM_SPIN_SLEEP_US / 1e6 * 0.9, out  # each check slept
+    assert cpu < 0.5 * wall, out  # and the thread was mostly off the CPU
+
+
 def _check_record(rec: dict, prompt: list[int], disaggregated: bool) -> None:
     assert set(RECORD_FIELDS) <= set(rec)
     assert rec["status"] == "ok" and rec["prompt_tokens"] == len(prompt) and rec["output_tokens"] == MAX_TOKENS

@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0),
         out: Path = typer.Option(Path("out/validate"), "--out", "-o"),
         backend: str = typer.Option("builtin", help="builtin (disagg's engine) or vllm (vLLM servers, NIXL P/D; "
-                                    "uses the first --loads value and also measures built-in vs vLLM throughput)."),
+                                    "also measures built-in vs vLLM throughput)."),
     ) -> None:
         """Calibrate, measure capacity, run the engine at each load, simulate the same requests, report the error."""
         from rich.console import Console
@@ -37,16 +37,16 @@ def register(app: typer.Typer) -> None:
         from validate.runner import ValidateError, validate
 
         console = Console(width=170)
-        if backend == "vllm":  # vLLM backend hook: validate/vllm_runner.py
-            _validate_vllm(console, model, topologies, loads, workload, num_requests, profile, budget_s, burst,
-                           length_scale, max_error, seed, out, host_contention)
-            return
-        if backend != "builtin":
-            fail(f"--backend must be builtin or vllm, got {backend!r}")
         try:
             loads_f = tuple(float(x) for x in loads.split(",") if x.strip())
         except ValueError:
             fail(f"--loads {loads!r}: expected comma-separated numbers like 0.3,0.6,0.9")
+        if backend == "vllm":  # vLLM backend hook: validate/vllm_runner.py
+            _validate_vllm(console, model, topologies, loads_f, workload, num_requests, profile, budget_s, burst,
+                           length_scale, max_error, seed, out, host_contention)
+            return
+        if backend != "builtin":
+            fail(f"--backend must be builtin or vllm, got {backend!r}")
         try:
             with console.status("validating") as status:
                 report = validate(model=model, topologies=tuple(t for t in topologies.split(",") if t.strip()),
@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
 
 
-def _validate_vllm(console, model, topologies, loads, workload, num_requests, profile, budget_s, burst, length_scale,
+def _validate_vllm(console, model, topologies, loads: tuple[float, ...], workload, num_requests, profile, budget_s, burst, length_scale,
                    max_error, seed, out: Path, host_contention: bool = True) -> None:
     import json
 
@@ -77,9 +77,8 @@ def _validate_vllm(console, model, topologies, loads, workload, num_requests, pr
     from validate.vllm_runner import validate_vllm
 
     try:
-        load = float(loads.split(",")[0])
         with console.status("validating vLLM") as status:
-            report, thr = validate_vllm(model, tuple(t for t in topologies.split(",") if t.strip()), load, workload,
+            report, thr = validate_vllm(model, tuple(t for t in topologies.split(",") if t.strip()), loads, workload,
                                         num_requests, profile, budget_s, seed, burst, length_scale,
                                         progress=lambda msg: status.update(f"validate vllm: {msg}"),
                                         log_dir=out / "logs", host_contention=host_contention)

@@ -3,8 +3,8 @@ against vLLM on the same model, cores and workload — the external check.
 
 One invocation, one machine state: calibrate vLLM from its per-iteration stats (`calibrate.vllm_iterations`), then per
 topology start the vLLM servers once, measure capacity with a burst (``burst`` requests at once; capacity = requests
-done by the time half are done / that time, as `validate.runner.measure_capacity`), run ``num_requests`` Poisson
-requests at ``load`` x capacity through disagg's router with `engine.loadgen`, and simulate exactly those requests
+done by the time half are done / that time, as `validate.runner.measure_capacity`), then for each of ``loads`` run
+``num_requests`` Poisson requests at load x capacity through disagg's router with `engine.loadgen`, and simulate exactly those requests
 (router-stamped arrivals) on the same pool settings with the vLLM profile. Finally the built-in engine serves the
 same burst on the same topology (``throughput_topology``), giving the output-token throughput ratio.
 
@@ -90,7 +90,7 @@ def _throughput(table: pa.Table) -> dict:
             "capacity_rps": float((ok.sum() // 2) / half) if half and half > 0 else math.nan}
 
 
-def validate_vllm(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), load: float = 0.6,
+def validate_vllm(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), loads: tuple[float, ...] = (0.6,),
                   workload: str = "azure-conv", num_requests: int = 30, profile: str | Path | None = None,
                   budget_s: float = 90.0, seed: int = 0, burst: int = 16, length_scale: float | None = None,
                   throughput_topology: str | None = "2C", progress: Callable[[str], None] | None = None,
@@ -103,8 +103,10 @@ def validate_vllm(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1
     from engine.vllm_backend.cluster import VllmCluster
 
     say = progress or (lambda msg: log.info(msg))
-    if not 0 < load <= 2 or num_requests < 2 or burst < 2:
-        raise ValidateError("--load must be in (0, 2], --num-requests and --burst >= 2")
+    if not loads or any(not 0 < f <= 2 for f in loads):
+        raise ValidateError(f"--loads must be fractions of capacity in (0, 2], got {list(loads)}")
+    if num_requests < 2 or burst < 2:
+        raise ValidateError("--num-requests and --burst must be >= 2")
     folder = resolve_model(model)
     spec = from_hf_config(folder)
     if profile is not None:
@@ -116,7 +118,7 @@ def validate_vllm(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1
         say(f"calibrating vLLM from its iteration stats ({budget_s:.0f} s budget)")
         prof = calibrate_vllm(model, budget_s, rounds=50, seed=seed)
     report = ValidationReport(prof, {}, config={"backend": "vllm", "model": model, "topologies": list(topologies),
-                                                "loads": [load], "workload": workload, "num_requests": num_requests,
+                                                "loads": list(loads), "workload": workload, "num_requests": num_requests,
                                                 "seed": seed, "burst": burst, "kv_cache_gib": KV_GIB,
                                                 "host_contention": host_contention})
     ramp = scaled_workload(workload, spec, burst, rate_rps=1e6, seed=seed + 7, length_scale=length_scale)
@@ -125,6 +127,7 @@ def validate_vllm(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1
         topo = vllm_topology(label, spec.kv_bytes_per_token)
         say(f"{label}: starting vLLM")
         logs = Path(log_dir) / label if log_dir else None
+        runs: list[tuple] = []  # (load, workload, real records, host CPU) per load
         with VllmCluster(folder, topo, model_name="tiny" if str(model) == "tiny" else folder.name,
                          kv_cache_gib=KV_GIB, seed=seed, log_dir=logs, prefix_caching=False) as c:
             say(f"{label}: capacity burst ({burst} requests at once)")
@@ -135,27 +138,30 @@ def validate_vllm(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1
             report.capacity_rps[label] = cap = t["capacity_rps"]
             if label == throughput_topology:
                 thr["vllm"] = t
-            w = scaled_workload(workload, spec, num_requests, load * cap, seed, length_scale)
-            say(f"{label}: {num_requests} requests at {load:.0%} of {cap:.2f} req/s")
-            workers = list(c.model_workers().values())
-            busy0, work0, t0 = _host_busy_s(), sum(_proc_cpu_s(p) for p in workers), time.monotonic()
-            real = run_load(c.url, w, seed=seed)
-            busy1, work1, t1 = _host_busy_s(), sum(_proc_cpu_s(p) for p in workers), time.monotonic()
-            host = {"model_workers": len(workers), "workers_cpu": (work1 - work0) / max(t1 - t0, 1e-9),
-                    "background_cpu": max(0.0, ((busy1 - busy0) - (work1 - work0)) / max(t1 - t0, 1e-9))}
+            for load in loads:
+                w = scaled_workload(workload, spec, num_requests, load * cap, seed, length_scale)
+                say(f"{label}: {num_requests} requests at {load:.0%} of {cap:.2f} req/s")
+                workers = list(c.model_workers().values())
+                busy0, work0, t0 = _host_busy_s(), sum(_proc_cpu_s(p) for p in workers), time.monotonic()
+                real = run_load(c.url, w, seed=seed)
+                busy1, work1, t1 = _host_busy_s(), sum(_proc_cpu_s(p) for p in workers), time.monotonic()
+                host = {"model_workers": len(workers), "workers_cpu": (work1 - work0) / max(t1 - t0, 1e-9),
+                        "background_cpu": max(0.0, ((busy1 - busy0) - (work1 - work0)) / max(t1 - t0, 1e-9))}
+                runs.append((load, w, real, host))
             import httpx
             metrics = {i["name"]: httpx.get(f"{i['url']}/metrics", timeout=30).text for i in c.instances}
         sim_prof = prof
-        if topo.kind == "disaggregated":
+        if topo.kind == "disaggregated":  # the NIXL counters cover every run on this cluster
             text = metrics["D0"]
             nbytes, secs = _metric(text, "vllm:nixl_bytes_transferred_sum"), _metric(text, "vllm:nixl_xfer_time_seconds_sum")
             if not (nbytes > 0 and secs > 0):
                 raise ValidateError(f"{label}: the decode instance reports no NIXL transfers")
             sim_prof = replace(prof, links={**prof.links, "nixl": LinkSpec("nixl", nbytes / secs, 0.0)})
             report.config["nixl_bandwidth_bytes_per_s"] = nbytes / secs
-        cpu = HostCPU(os.cpu_count() or 1, host["background_cpu"]) if host_contention else None
-        sim = simulate(topo, _replay(real, w), sim_prof, model=spec, seed=seed, host=cpu).records
-        report.runs.append(RunResult(label, load, load * cap, 0, real, sim, {**compare(real, sim), "host": host}))
+        for load, w, real, host in runs:
+            cpu = HostCPU(os.cpu_count() or 1, host["background_cpu"]) if host_contention else None
+            sim = simulate(topo, _replay(real, w), sim_prof, model=spec, seed=seed, host=cpu).records
+            report.runs.append(RunResult(label, load, load * cap, 0, real, sim, {**compare(real, sim), "host": host}))
     if throughput_topology:
         say(f"built-in engine {throughput_topology}: the same burst")
         with Cluster(folder, Topology.from_label(throughput_topology), seed=seed) as c:

@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON_ENV = "DISAGG_VLLM_PYTHON"
 VLLM_SITE = Path(__file__).resolve().parent / "vllm_site"  # on the vLLM processes' PYTHONPATH (sitecustomize)
 NIXL_PROGRESS_DELAY_US = 1000
+SHM_SPIN_SLEEP_US = 100  # vllm_site: vLLM's shm message-queue readers nap this long instead of spinning
 
 
 def vllm_python() -> Path:
@@ -165,6 +166,7 @@ class VllmCluster:
         return {"VLLM_CPU_KVCACHE_SPACE": str(int(self.kv_cache_gib)), "OMP_NUM_THREADS": str(self.threads),
                 "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONPATH": str(VLLM_SITE),
                 "DISAGG_NIXL_PROGRESS_DELAY_US": str(NIXL_PROGRESS_DELAY_US), "DISAGG_VLLM_KEEP_AFFINITY": "1",
+                "DISAGG_VLLM_SHM_SPIN_SLEEP_US": str(SHM_SPIN_SLEEP_US),
                 "VLLM_LOGGING_LEVEL": "INFO" if self.iteration_details else os.environ.get("VLLM_LOGGING_LEVEL",
                                                                                            "WARNING"),
                 **self.extra_env}
