@@ -104,6 +104,14 @@ def _wait_quiet(path: Path, quiet_s: float = 0.3, timeout_s: float = 10.0) -> in
     return size
 
 
+def _iterations_since(log_path: Path, offset: int) -> list[Iteration]:
+    """The iterations vLLM logged after byte ``offset`` of its log, once the log has gone quiet."""
+    _wait_quiet(log_path)
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        return parse_iterations(f.read().decode(errors="replace"))
+
+
 def sweep(url: str, model_name: str, log_path: Path, rounds: int, seed: int = 0, vocab: int = 256,
           prefill_shapes: list[tuple[int, int]] | None = None, decode_shapes: list[tuple[int, int]] | None = None,
           decode_tokens: int = DECODE_TOKENS, budget_s: float | None = None) -> list[dict]:
@@ -127,10 +135,7 @@ def sweep(url: str, model_name: str, log_path: Path, rounds: int, seed: int = 0,
                     "model": model_name, "prompt": prompts, "temperature": 0, "ignore_eos": True,
                     "max_tokens": 1 if kind == "prefill" else decode_tokens})
                 r.raise_for_status()
-                _wait_quiet(log_path)
-                with open(log_path, "rb") as f:
-                    f.seek(before)
-                    its = parse_iterations(f.read().decode(errors="replace"))
+                its = _iterations_since(log_path, before)
                 seen_any |= bool(its)
                 if rnd:
                     mt = 1 if kind == "prefill" else decode_tokens
@@ -175,10 +180,7 @@ def probe_overheads(url: str, model_name: str, log_path: Path, rounds: int = 6, 
                             now = time.perf_counter()
                             for ch in json.loads(line[6:]).get("choices", []):
                                 times.setdefault(int(ch["index"]), []).append(now)
-                _wait_quiet(log_path)
-                with open(log_path, "rb") as f:
-                    f.seek(before)
-                    its = parse_iterations(f.read().decode(errors="replace"))
+                its = _iterations_since(log_path, before)
                 dec = [x["time_s"] for x in burst_samples(its, "decode", b, length, tokens)]
                 gaps = [t1 - t0 for ts in times.values() for t0, t1 in pairwise(ts[1:])]
                 if dec and gaps:
@@ -188,10 +190,7 @@ def probe_overheads(url: str, model_name: str, log_path: Path, rounds: int = 6, 
             client.post(f"{url}/v1/completions", json={"model": model_name, "prompt": rng.integers(
                 0, vocab, length).tolist(), "temperature": 0, "max_tokens": 1}).raise_for_status()
             latency = time.perf_counter() - t0
-            _wait_quiet(log_path)
-            with open(log_path, "rb") as f:
-                f.seek(before)
-                its = parse_iterations(f.read().decode(errors="replace"))
+            its = _iterations_since(log_path, before)
             pre = [x["time_s"] for x in burst_samples(its, "prefill", 1, length, 1)]
             if pre:
                 request.append(latency - pre[0])
