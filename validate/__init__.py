@@ -6,6 +6,8 @@ Python API::
     validate.write(report, out_dir, max_error=0.10) -> summary dict      # joined.parquet, summary.json, PNGs
     validate.load_report(out_dir) -> (summary dict, joined table)        # what the dashboard reads
     validate.compare(real_records, sim_records) -> dict                   # the error computation alone
+    validate.validate_vllm(model="tiny", topologies=("2C", "1P1D"), loads=(0.6,), ...) -> (ValidationReport,
+                                                                         throughput dict)  # against real vLLM
 
 validate/ imports engine/, calibrate/ and sim/ (it is the only place all three meet); nothing imports validate/.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 _API = {"validate": "validate.runner", "ValidationReport": "validate.runner", "ValidateError": "validate.runner",
-        "write": "validate.report", "load_report": "validate.report", "compare": "validate.compare"}
+        "validate_vllm": "validate.vllm_runner", "write": "validate.report", "load_report": "validate.report", "compare": "validate.compare"}
 
 
 def __getattr__(name: str) -> Any:
