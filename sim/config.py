@@ -14,6 +14,7 @@ Example (see sim/configs/)::
       decode: {instances: 2, tp: 1, max_batch_size: 256}
       link: nvlink4
       router: round_robin
+      first_token: prefill              # or decode: the decode instance produces every token (vLLM's P/D)
     slo: {ttft_ms: 2000, tpot_ms: 100, percentile: 90, attainment: 0.9}
     seed: 0
 """
@@ -61,6 +62,7 @@ class TopologyCfg(_Strict):
     decode: PoolCfg | None = None
     link: str = "nvlink4"
     router: str = "round_robin"
+    first_token: Literal["prefill", "decode"] = "prefill"
 
     @model_validator(mode="after")
     def _pools_match_kind(self) -> TopologyCfg:
@@ -73,7 +75,7 @@ class TopologyCfg(_Strict):
     def build(self) -> Topology:
         pools = tuple(PoolSpec(role, **getattr(self, role).model_dump())
                       for role in ("colocated", "prefill", "decode") if getattr(self, role) is not None)
-        return Topology(self.kind, pools, link=self.link, router=self.router)
+        return Topology(self.kind, pools, link=self.link, router=self.router, first_token=self.first_token)
 
 
 class WorkloadCfg(_Strict):

@@ -43,6 +43,17 @@ def test_generator_config_runs(tmp_path):
     assert res.summary["completed"] == 50 and res.summary["topology"] == "1P1D"
 
 
+def test_first_token_from_decode_lengthens_ttft(tmp_path):
+    """``topology.first_token: decode`` (vLLM's P/D): TTFT then includes the KV transfer and a decode step."""
+    runs = {}
+    for where in ("prefill", "decode"):
+        cfg = load_config(write(tmp_path, {**BASE, "topology": {**BASE["topology"], "first_token": where}}))
+        assert cfg.topology.first_token == where
+        runs[where] = simulate(cfg.topology, cfg.workload, cfg.profiles, model=cfg.model, seed=cfg.seed).records
+    ttft = {k: (r.column("first_token_s").to_numpy() - r.column("arrival_s").to_numpy()) for k, r in runs.items()}
+    assert (ttft["decode"] >= ttft["prefill"] + 0.01 - 1e-9).all()  # + the transfer and at least one 10 ms step
+
+
 @pytest.mark.parametrize("patch,message", [
     ({"model": "llama-9000"}, "unknown model 'llama-9000'"),
     ({"hardware": "tpu-v9"}, "unknown preset 'tpu-v9'"),
@@ -54,6 +65,7 @@ def test_generator_config_runs(tmp_path):
     ({"slo": {"ttft_ms": -1}}, "slo.ttft_ms"),
     ({"seeed": 1}, "seeed"),
     ({"topology": {**BASE["topology"], "router": "psychic"}}, "unknown router policy 'psychic'"),
+    ({"topology": {**BASE["topology"], "first_token": "router"}}, "topology.first_token"),
     ({"workload": {"generator": {"arrival": {"kind": "poisson", "rate_rps": 5},
                                  "prompt": {"kind": "fixed", "tokens": -3}, "output": {"kind": "fixed", "tokens": 1}},
                    "num_requests": 5}}, "tokens"),
