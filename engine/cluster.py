@@ -12,6 +12,9 @@ every link. ``device`` is the workers' torch device (``"cuda"`` for GPU runs; pa
 ``chunked_prefill`` and ``kv_capacity_tokens`` (default `DEFAULT_KV_TOKENS` per instance when unset; ``tp``,
 ``hardware`` and ``memory_utilization`` do not apply to this CPU engine). On CPU each worker warms its GEMM shapes
 up to ``warm_gemm_tokens`` before it reports ready (`engine.worker.warm_gemm_shapes`; 0 skips it).
+``pin_cores=True`` pins worker k (launch order: pools in topology order, instances in order) and all its threads to
+the k-th CPU this process may use, modulo their count (`worker_cpus` says which), so that per-core measurements
+(`calibrate.host_speed`) can be attributed to instances; the router stays unpinned.
 
 `stop` (or leaving the ``with``) sends SIGTERM to each process group, waits, then SIGKILLs what is left; workers also
 exit on their own if this process dies. Startup failures raise `ClusterError` with the failing process's log tail.
@@ -19,6 +22,7 @@ exit on their own if this process dies. Startup failures raise `ClusterError` wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.transport.auth import SECRET_ENV, new_secret
@@ -90,7 +94,7 @@ class Cluster:
                  max_retries: int = 2, request_timeout_s: float = 600.0, verify_kv: bool = False, seed: int = 0,
                  queue_limit: int = 4096, records_path: str | Path | None = None, log_dir: str | Path | None = None,
                  startup_timeout_s: float = 120.0, model_name: str | None = None, log_level: str = "WARNING",
-                 warm_gemm_tokens: int = 2048):
+                 warm_gemm_tokens: int = 2048, pin_cores: bool = False):
         self.model, self.topology, self.transport, self.dtype, self.device = model, topology, transport, dtype, device
         if transport == "cuda" and not device.startswith("cuda"):
             raise ValueError("the cuda KV transport needs device='cuda'")
@@ -98,7 +102,8 @@ class Cluster:
         self.max_retries, self.request_timeout_s, self.verify_kv, self.seed = max_retries, request_timeout_s, verify_kv, seed
         self.queue_limit, self.records_path, self.log_dir = queue_limit, records_path, log_dir
         self.startup_timeout_s, self.model_name, self.log_level = startup_timeout_s, model_name, log_level
-        self.warm_gemm_tokens = warm_gemm_tokens
+        self.warm_gemm_tokens, self.pin_cores = warm_gemm_tokens, pin_cores
+        self.worker_cpus: dict[str, int] = {}
         self.procs: dict[str, Proc] = {}
         self.url = ""
         self._run_dir: Path | None = None
@@ -167,9 +172,13 @@ class Cluster:
     def _launch_workers(self, model_dir: Path, env: dict) -> list[tuple[WorkerSpec, dict]]:
         """Start every pool's workers as local processes; (spec, ready info with ``control`` and ``kv``) each."""
         workers = []
+        cpus = sorted(os.sched_getaffinity(0))
         for pool in self.topology.pools:
             for i in range(pool.instances):
                 spec = self._worker_spec(pool, f"{pool.role[0].upper()}{i}", model_dir)
+                if self.pin_cores:
+                    spec = replace(spec, cpu=cpus[len(workers) % len(cpus)])
+                    self.worker_cpus[spec.name] = spec.cpu
                 workers.append((spec, self._spawn(spec.name, "engine.worker", spec.to_json(), env)))
         self._wait_ready([p for _, p in workers])
         return [(s, p.info) for s, p in workers]
@@ -246,10 +255,8 @@ def _signal_group(p: subprocess.Popen, sig: int, leader_gone_too: bool = False) 
     unless ``leader_gone_too`` (its group can outlive it)."""
     if p.poll() is not None and not leader_gone_too:
         return
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(p.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _tail(path: Path, lines: int = 40) -> str:

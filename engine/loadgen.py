@@ -10,6 +10,8 @@ the last chunk) and converted to seconds since ``t0`` (``time.monotonic()`` is s
 stamps share one clock on one host): ``arrival_s`` is when the router received the request, the phases are the
 workers' stamps. Client-side columns follow: ``scheduled_s`` (the workload's arrival), ``client_send_s``,
 ``client_first_token_s``, ``client_last_token_s``, ``client_max_itl_s``, ``client_tokens`` and ``http_status``.
+The schema's metadata holds ``t0`` itself under `T0_KEY` (``repr`` of the float), to line other monotonic-clock
+measurements (step traces, `calibrate.host_speed` readings) up with the records.
 A request refused before streaming (4xx/5xx) is ``status="rejected"`` with the server's message as ``reason``; one
 that fails mid-stream is ``status="error"``.
 """
@@ -30,6 +32,7 @@ from sim.records import RequestRecord, records_to_table
 from sim.request import RequestSpec, Workload
 
 NAN = math.nan
+T0_KEY = b"disagg.t0_monotonic"
 CLIENT_COLUMNS = {"scheduled_s": pa.float64(), "client_send_s": pa.float64(), "client_first_token_s": pa.float64(),
                   "client_last_token_s": pa.float64(), "client_max_itl_s": pa.float64(), "client_tokens": pa.int64(),
                   "http_status": pa.int64()}
@@ -122,7 +125,7 @@ async def run_load_async(url: str, workload: Workload, model: str | None = None,
     table = records_to_table([r for r, _ in results])
     for name, typ in CLIENT_COLUMNS.items():
         table = table.append_column(name, pa.array([c[name] for _, c in results], typ))
-    return table
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), T0_KEY: repr(t0).encode()})
 
 
 def run_load(url: str, workload: Workload, model: str | None = None, temperature: float = 0.0, seed: int = 0,

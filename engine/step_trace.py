@@ -25,21 +25,21 @@ def install(runner: object, worker: str) -> None:
     out = open(Path(folder) / f"{worker}.jsonl", "a", buffering=1)  # noqa: SIM115 - lives as long as the worker
     prefill, decode = runner.prefill, runner.decode  # type: ignore[attr-defined]
 
-    def traced_prefill(seqs, num_new_tokens=None):  # noqa: ANN001, ANN202
+    def traced_prefill(seqs, num_new_tokens=None):
         cached = [s.num_cached_tokens for s in seqs]
-        new = num_new_tokens or [len(s.token_ids) - c for s, c in zip(seqs, cached)]
-        t0 = time.monotonic()
+        new = num_new_tokens or [len(s.token_ids) - c for s, c in zip(seqs, cached, strict=False)]
+        t0, u0 = time.monotonic(), time.thread_time()
         logits = prefill(seqs, num_new_tokens)
-        t1 = time.monotonic()
-        out.write(json.dumps({"w": worker, "k": "prefill", "t0": t0, "t1": t1, "n": list(new), "c": cached}) + "\n")
+        t1, u = time.monotonic(), time.thread_time() - u0
+        out.write(json.dumps({"w": worker, "k": "prefill", "t0": t0, "t1": t1, "n": list(new), "c": cached, "u": u}) + "\n")
         return logits
 
-    def traced_decode(seqs):  # noqa: ANN001, ANN202
+    def traced_decode(seqs):
         ctx = [len(s.token_ids) - 1 for s in seqs]
-        t0 = time.monotonic()
+        t0, u0 = time.monotonic(), time.thread_time()
         logits = decode(seqs)
-        t1 = time.monotonic()
-        out.write(json.dumps({"w": worker, "k": "decode", "t0": t0, "t1": t1, "n": [1] * len(seqs), "c": ctx}) + "\n")
+        t1, u = time.monotonic(), time.thread_time() - u0
+        out.write(json.dumps({"w": worker, "k": "decode", "t0": t0, "t1": t1, "n": [1] * len(seqs), "c": ctx, "u": u}) + "\n")
         return logits
 
     runner.prefill, runner.decode = traced_prefill, traced_decode  # type: ignore[attr-defined]

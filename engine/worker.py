@@ -45,6 +45,7 @@ class WorkerSpec:
     warm_gemm_tokens: int = 2048  # warm the GEMM shapes of forward passes up to this many tokens (0: none)
     queue_limit: int = 4096
     host: str = "127.0.0.1"
+    cpu: int = -1  # pin the worker (every thread) to this CPU; -1: leave it to the scheduler
     ready_path: str = ""
     parent_pid: int = 0
 
@@ -158,7 +159,7 @@ def build_worker(spec: WorkerSpec, secret: bytes) -> WorkerBase:
     raise ValueError(f"unknown worker role {spec.role!r}")
 
 
-def warm_gemm_shapes(runner, up_to: int) -> int:  # noqa: ANN001 - a ModelRunner
+def warm_gemm_shapes(runner, up_to: int) -> int:
     """Run one forward pass per `engine.model.llama.gemm_rows` bucket up to ``up_to`` tokens (capped by the model's
     context and the free KV cache), so that serving never pays oneDNN's first-time kernel build for those shapes
     (measured: a fresh bf16 shape 1.4x slower, 1.06x after this warm-up; ~4 s for the ~80 buckets up to 2048
@@ -186,10 +187,10 @@ def _warm_up(runner) -> None:
 
     seqs = [Sequence(-1, [i % 200 for i in range(40)]), Sequence(-2, [7] * 16)]
     try:
-        for s, tok in zip(seqs, runner.sample(runner.prefill(seqs), seqs)):
+        for s, tok in zip(seqs, runner.sample(runner.prefill(seqs), seqs), strict=False):
             s.token_ids.append(tok)
         for _ in range(2):
-            for s, tok in zip(seqs, runner.sample(runner.decode(seqs), seqs)):
+            for s, tok in zip(seqs, runner.sample(runner.decode(seqs), seqs), strict=False):
                 s.token_ids.append(tok)
     except (ValueError, RuntimeError) as e:  # a cache too small to warm up in is not fatal
         log.warning("warm-up skipped: %s", e)
@@ -202,6 +203,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=os.environ.get("DISAGG_LOG_LEVEL", "WARNING"),
                         format=f"%(asctime)s %(levelname)s {Path(argv[0]).stem if argv else 'worker'} %(name)s: %(message)s")
     spec = WorkerSpec.from_json(Path(argv[0]).read_text())
+    if spec.cpu >= 0:  # before torch starts its threads, which inherit the mask
+        os.sched_setaffinity(0, {spec.cpu})
     sys.setswitchinterval(0.0005)  # the link threads (KV pulls, sends) get the GIL within 0.5 ms of a busy step
     worker = build_worker(spec, secret_from_env())
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -147,6 +147,10 @@ class DecodeInstance:
         self.preempted.appendleft(victim)
 
     # --- transfers in (disaggregated) ------------------------------------------------------------------------------
+    def _speed(self, kind: str) -> float:
+        """The host-speed factor for a ``kind`` step starting now (`HostCPU.speed`; 1 without one)."""
+        return self.ctx.speed(self.name, kind)[0] if self.ctx.speed_traces else 1.0
+
     def _poke(self, direct: bool = False) -> None:
         """New work for the loop: wake it if idle, or cut the decode segment running now (at most once).
 
@@ -235,6 +239,11 @@ class DecodeInstance:
                 linear = self._linear[size] = self.profile.decode_linear(size)
             base, slope = linear
             stretch = ctx.begin_step()  # host CPU contention slows every step of the segment alike
+            if ctx.speed_traces:  # host speed: the factor now; the segment ends with the step running at its change
+                factor, change_s = ctx.speed(self.name, "decode")
+                stretch *= factor
+                if change_s < math.inf:
+                    k = min(k, steps_done_by(change_s - env.now, base * stretch, slope * stretch, s0, size, k) + 1)
             if stretch != 1.0:
                 base, slope = base * stretch, slope * stretch
             total = steps_time(k, base, slope, s0, size)
@@ -281,7 +290,7 @@ class DecodeInstance:
             batch.append(s)
         if not batch:
             return False
-        dur = self.profile.prefill_s([s.context for s in batch]) * self.ctx.begin_step()
+        dur = self.profile.prefill_s([s.context for s in batch]) * self.ctx.begin_step() * self._speed("prefill")
         yield self.ctx.env.timeout(dur)
         self.ctx.end_step()
         self.busy_s += dur
@@ -309,7 +318,7 @@ class DecodeInstance:
             return False
         if env.now - self.last_sample_s >= self.ctx.sample_every_s:
             self.ctx.sample(self, len(self.prefill_q), self.batch.size + len(batch))
-        dur = self.profile.prefill_s([s.rec.prompt_tokens for s in batch]) * self.ctx.begin_step()
+        dur = self.profile.prefill_s([s.rec.prompt_tokens for s in batch]) * self.ctx.begin_step() * self._speed("prefill")
         yield env.timeout(dur)
         self.ctx.end_step()
         self.busy_s += dur
@@ -349,10 +358,10 @@ class DecodeInstance:
             return False
         if env.now - self.last_sample_s >= self.ctx.sample_every_s:
             self.ctx.sample(self, len(self.prefill_q), batch.size + len(chunks))
-        dur = self.profile.prefill_s([n for _, n in chunks], cached=[s.context for s, _ in chunks])
+        dur = self.profile.prefill_s([n for _, n in chunks], cached=[s.context for s, _ in chunks]) * self._speed("prefill")
         if batch.size:
             dur += (self.profile.decode_step_s(batch.size, batch.first_step_context(self.profile.decode_context))
-                    - self.profile.step_overhead_s())
+                    - self.profile.step_overhead_s()) * self._speed("decode")
         dur *= self.ctx.begin_step()
         t0 = env.now
         yield env.timeout(dur)

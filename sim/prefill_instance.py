@@ -112,6 +112,8 @@ class PrefillInstance:
             if start - self.last_sample_s >= ctx.sample_every_s:
                 ctx.sample(self, len(queue), len(batch))
             dur = prefill_cost.time_s(len(batch), float(tokens), float(squares)) * ctx.begin_step()  # = profile.prefill_s
+            if ctx.speed_traces:
+                dur *= ctx.speed(self.name, "prefill")[0]
             yield env.timeout(dur)
             ctx.end_step()
             self.busy_s += dur

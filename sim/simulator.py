@@ -30,7 +30,7 @@ from sim.records import RecordColumns, RequestRecord
 from sim.request import Workload
 from sim.router import get_policy
 from sim.running_batch import SimSeq
-from sim.topology import HostCPU, PoolSpec, Topology
+from sim.topology import HostCPU, PoolSpec, SpeedTrace, Topology
 
 TIMESERIES_SCHEMA = pa.schema([("t_s", pa.float64()), ("instance", pa.string()), ("queue", pa.int64()),
                                ("batch", pa.int64()), ("kv_used_blocks", pa.int64()), ("kv_capacity_blocks", pa.int64())])
@@ -58,6 +58,7 @@ class SimContext:
         self.sample_every_s = sample_every_s
         self._ts: tuple[list, ...] = tuple([] for _ in TIMESERIES_SCHEMA)  # one list per column
         self.host: HostCPU | None = None
+        self.speed_traces: Mapping[str, SpeedTrace] = {}
         self.busy = 0  # instances in a timed step right now
 
     def begin_step(self) -> float:
@@ -67,6 +68,14 @@ class SimContext:
         if host is None:
             return 1.0
         return max(1.0, (self.busy + host.background_cpu) / host.cores)
+
+    def speed(self, name: str, kind: str) -> tuple[float, float]:
+        """(host-speed factor of instance ``name`` for a ``kind`` step starting now, time of its next change):
+        from `HostCPU.speed`; (1, inf) for an instance without a trace."""
+        trace = self.speed_traces.get(name)
+        if trace is None:
+            return 1.0, math.inf
+        return trace.at(kind, self.env.now)
 
     def end_step(self) -> None:
         self.busy -= 1
@@ -145,6 +154,8 @@ def simulate(topology: Topology, workload: Workload, profile: CostProfile | Mapp
     env = simpy.Environment()
     ctx = SimContext(env, model, sample_every_s)
     ctx.host = host
+    if host is not None:
+        ctx.speed_traces = host.speed
     rng = np.random.default_rng(seed)
 
     pools: dict[str, list] = {}

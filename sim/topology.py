@@ -7,7 +7,10 @@ weights (overridable with ``kv_capacity_tokens``).
 
 from __future__ import annotations
 
+import math
 import re
+from bisect import bisect_right
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from sim.hardware import get_hardware
@@ -163,12 +166,46 @@ class HostCPU:
     the host: the router, the load generator, other jobs), and if that exceeds ``cores`` the step runs
     ``(busy + background_cpu) / cores`` times slower (processor sharing). The factor is fixed for the step: busy-state
     changes in the middle of a decode segment are not seen (an approximation; segments are short).
+
+    ``speed`` (optional): per instance name, a `SpeedTrace` of how much slower than the profile that instance's core
+    ran over time (measured by `calibrate.host_speed`); each step is stretched by the factor in force when it starts,
+    and a decode segment ends at the step running when the factor changes, so the next one picks up the new factor.
     """
 
     cores: int
     background_cpu: float = 0.0
+    speed: Mapping[str, SpeedTrace] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.cores < 1 or self.background_cpu < 0:
             raise ValueError(f"HostCPU needs cores >= 1 and background_cpu >= 0, got {self.cores}, {self.background_cpu}")
+
+
+@dataclass(frozen=True)
+class SpeedTrace:
+    """A piecewise-constant slowdown of one instance's steps over time, by step kind: from ``t_s[i]`` (simulation
+    seconds, ascending) until the next change, prefill steps take ``prefill[i]`` and decode steps ``decode[i]`` times
+    the profile's time (before ``t_s[0]`` the first factors hold). Shared hosts change speed under their tenants: on
+    the 2-core machine disagg is developed on, each core's speed flips between two levels 1.3-2.8x apart for seconds
+    at a time, independently per core."""
+
+    t_s: tuple[float, ...]
+    prefill: tuple[float, ...]
+    decode: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.t_s)
+        if not n or len(self.prefill) != n or len(self.decode) != n:
+            raise ValueError(f"SpeedTrace needs equally long, non-empty t_s, prefill and decode "
+                             f"(got {n}, {len(self.prefill)}, {len(self.decode)})")
+        if any(b < a for a, b in zip(self.t_s, self.t_s[1:], strict=False)):
+            raise ValueError("SpeedTrace.t_s must be ascending")
+        if any(not (math.isfinite(f) and f > 0) for f in (*self.prefill, *self.decode)):
+            raise ValueError("SpeedTrace factors must be finite and > 0")
+
+    def at(self, kind: str, t: float) -> tuple[float, float]:
+        """(factor for a ``kind`` step starting at ``t``, time of the next change or inf)."""
+        i = max(0, bisect_right(self.t_s, t) - 1)
+        nxt = self.t_s[i + 1] if i + 1 < len(self.t_s) else math.inf
+        return (self.prefill if kind == "prefill" else self.decode)[i], nxt
 

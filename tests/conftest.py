@@ -37,12 +37,12 @@ def cluster_1p1d(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def cluster_2c(tiny_model_dir):
-    """Router + 2 colocated workers."""
+    """Router + 2 colocated workers, pinned to CPUs (``pin_cores``, as validation runs them)."""
     from engine.cluster import Cluster
     from sim.topology import Topology
 
     with Cluster(tiny_model_dir, Topology.colocated(2, kv_capacity_tokens=16384), model_name="tiny",
-                 dtype="fp32") as c:
+                 dtype="fp32", pin_cores=True) as c:
         yield c
 
 

@@ -57,6 +57,19 @@ def test_seeded_sampling_is_identical_everywhere(cluster_1p1d, cluster_2c, refer
         assert disagg[i] == coloc[i] == want
 
 
+def test_pin_cores_pins_every_worker_thread(cluster_2c):
+    import os
+
+    cpus = sorted(os.sched_getaffinity(0))
+    assert cluster_2c.worker_cpus == {"C0": cpus[0], "C1": cpus[1 % len(cpus)]}
+    for name, cpu in cluster_2c.worker_cpus.items():
+        pid = cluster_2c.pid(name)
+        threads = os.listdir(f"/proc/{pid}/task")
+        assert len(threads) > 1  # the model thread and the link threads
+        assert {frozenset(os.sched_getaffinity(int(t))) for t in threads} == {frozenset({cpu})}
+    assert os.sched_getaffinity(cluster_2c.pid("router")) == set(cpus)  # the router is not pinned
+
+
 def test_kv_checksums_and_record_lifecycle(cluster_1p1d):
     asyncio.run(_run_all(cluster_1p1d.url, [(list(range(200)), 5), (list(range(40)), 1)], temperature=0,
                          extra_body={"ignore_eos": True}))

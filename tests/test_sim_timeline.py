@@ -185,3 +185,48 @@ def test_host_cpu_contention_stretches_overlapping_steps():
     loaded = simulate(topo, w, PROFILE, model=TINY, host=HostCPU(cores=2, background_cpu=1.0)).records.to_pylist()
     # the first to start sees 1 busy + 1 background = 2 cores' worth (no slowdown), the second 2 + 1 over 2 cores
     assert sorted(r["finished_s"] for r in loaded) == [approx(1.0), approx(1.5)]
+
+
+def test_speed_trace_lookup_and_validation():
+    from sim.topology import SpeedTrace
+
+    tr = SpeedTrace((1.0, 2.0), (3.0, 4.0), (5.0, 6.0))
+    assert tr.at("prefill", 0.0) == (3.0, 2.0)  # before the first time: the first factors
+    assert tr.at("decode", 1.5) == (5.0, 2.0)
+    assert tr.at("decode", 2.0) == (6.0, math.inf)
+    for bad in (((), (), ()), ((1.0,), (1.0, 2.0), (1.0,)), ((2.0, 1.0), (1.0, 1.0), (1.0, 1.0)),
+                ((0.0,), (0.0,), (1.0,)), ((0.0,), (1.0,), (math.nan,))):
+        with pytest.raises(ValueError, match="SpeedTrace"):
+            SpeedTrace(*bad)
+
+
+def test_host_speed_stretches_steps_and_splits_decode_segments_at_changes():
+    from sim.topology import HostCPU, SpeedTrace
+
+    # C0: prefill 2x slower throughout; decode 2x slower until t = 2.45, then at the profile's speed.
+    trace = SpeedTrace((0.0, 2.45), (2.0, 2.0), (2.0, 1.0))
+    topo = Topology.colocated(1, kv_capacity_tokens=1000)
+    w = Workload.from_lists([0.0], [10], [6])
+    r = simulate(topo, w, PROFILE, model=TINY, host=HostCPU(cores=2, speed={"C0": trace})).records.to_pylist()[0]
+    assert r["first_token_s"] == approx(2.0)  # prefill 1.0 x 2
+    # decode steps of 0.1 x 2 from 2.0: ends 2.2, 2.4, 2.6 (the one running at 2.45 finishes at the old speed);
+    # then 0.1 each: 2.7, 2.8
+    assert r["finished_s"] == approx(2.8)
+    assert r["max_itl_s"] == approx(0.2)
+    # an instance without a trace runs at the profile's speed
+    plain = simulate(topo, w, PROFILE, model=TINY, host=HostCPU(cores=2, speed={"C1": trace})).records.to_pylist()[0]
+    assert plain["finished_s"] == approx(1.5)
+
+
+def test_host_speed_applies_per_instance_in_disaggregated_mode():
+    from sim.topology import HostCPU, SpeedTrace
+
+    link = LinkSpec("slow", bandwidth_bytes_per_s=20_480, latency_s=0.5)  # 1.5 s for 10 tokens
+    prof = CostProfile("c", "constant", PrefillCost(1.0), (DecodePiece(1 << 30, 0.1),), links={"slow": link})
+    topo = Topology.disaggregated(1, 1, link="slow", kv_capacity_tokens=1000)
+    w = Workload.from_lists([0.0], [10], [3])
+    speed = {"P0": SpeedTrace((0.0,), (3.0,), (1.0,)), "D0": SpeedTrace((0.0,), (1.0,), (0.5,))}
+    r = simulate(topo, w, prof, model=TINY, host=HostCPU(cores=2, speed=speed)).records.to_pylist()[0]
+    assert r["prefill_end_s"] == approx(3.0)  # P0's prefill 3x; the link is not a step and keeps its time
+    assert r["kv_transfer_end_s"] == approx(4.5)
+    assert r["finished_s"] == approx(4.5 + 2 * 0.05)  # D0's two decode steps at half the time

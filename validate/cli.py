@@ -23,6 +23,10 @@ def register(app: typer.Typer) -> None:
         burst: int = typer.Option(32, help="Requests in each capacity ramp."),
         host_contention: bool = typer.Option(True, help="Model the workers sharing this host's CPU cores, with the "
                                              "background CPU measured during each run."),
+        host_speed: bool = typer.Option(True, help="Measure each CPU's speed during the runs with a sensor "
+                                        "process per core (calibrate.host_speed), pin the workers, and simulate "
+                                        "each instance at its core's speed relative to the calibration's "
+                                        "(built-in backend)."),
         max_error: float = typer.Option(0.10, help="Exit 1 when a p50 TTFT / p50 TPOT / throughput error exceeds it."),
         seed: int = typer.Option(0),
         out: Path = typer.Option(Path("out/validate"), "--out", "-o"),
@@ -52,7 +56,7 @@ def register(app: typer.Typer) -> None:
                 report = validate(model=model, topologies=tuple(t for t in topologies.split(",") if t.strip()),
                                   loads=loads_f, workload=workload, num_requests=num_requests, profile=profile,
                                   calibrate_budget_s=budget_s, repeat=repeat, seed=seed, length_scale=length_scale,
-                                  burst=burst, host_contention=host_contention, progress=lambda msg: status.update(f"validate: {msg}"))
+                                  burst=burst, host_contention=host_contention, host_speed=host_speed, progress=lambda msg: status.update(f"validate: {msg}"))
         except (ValidateError, FileNotFoundError, ValueError) as e:
             fail(str(e))
         s = write(report, out, max_error=max_error)

@@ -47,19 +47,28 @@ def summary(report: ValidationReport, max_error: float) -> dict:
 
 
 def table(report: ValidationReport) -> Table:
+    """Per run: the errors (`KEYS`), the real p50s, the p50 errors without host speed (when it was measured), the
+    step-time error (prefill / decode, with host speed when measured) and the p50 errors with the engine's own step
+    costs (in-sample diagnosis)."""
     t = Table(title="simulator error vs the real engine: (sim - real) / real")
     for col in ("topology", "load", "req/s", "run", *KEYS, "real TTFT p50 ms", "real TPOT p50 ms",
-                "step err prefill", "step err decode", "ttft_p50 | engine steps", "tpot_p50 | engine steps"):
+                "TTFT / TPOT p50 | no host speed", "step err prefill / decode", "TTFT / TPOT p50 | engine steps"):
         t.add_column(col, justify="right")
+
+    def pair(d: dict | None, a: str, b: str, get=lambda d, k: d[k]) -> str:
+        if not d:
+            return "-"
+        return " / ".join("-" if (v := get(d, k)) is None or math.isnan(v) else f"{v:+.1%}" for k in (a, b))
+
     for r in report.runs:
         e = r.errors["errors"]
+        service = r.errors.get("service_with_host_speed") or r.errors.get("service")
         t.add_row(r.topology, f"{r.load:.0%}", f"{r.rate_rps:.2f}", str(r.repeat + 1),
                   *(f"{e[k]:+.1%}" if not math.isnan(e[k]) else "-" for k in KEYS),
                   f"{r.errors['real']['ttft_p50'] * 1e3:.1f}", f"{r.errors['real']['tpot_p50'] * 1e3:.2f}",
-                  *(f"{r.errors['service'][k]['median']:+.1%}" if r.errors.get("service", {}).get(k, {}).get("steps")
-                    else "-" for k in ("prefill", "decode")),
-                  *(f"{r.errors['with_engine_step_costs'][k]:+.1%}" if "with_engine_step_costs" in r.errors else "-"
-                    for k in ("ttft_p50", "tpot_p50")))
+                  pair(r.errors.get("without_host_speed"), "ttft_p50", "tpot_p50"),
+                  pair(service, "prefill", "decode", lambda d, k: d[k]["median"] if d[k]["steps"] else None),
+                  pair(r.errors.get("with_engine_step_costs"), "ttft_p50", "tpot_p50"))
     return t
 
 

@@ -14,7 +14,8 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from sim.cost_profile import CostProfile
 from sim.model_spec import ModelSpec, get_model
 from sim.request import Workload
 from sim.simulator import simulate
-from sim.topology import HostCPU, Topology
+from sim.topology import HostCPU, SpeedTrace, Topology
 from sim.traces import load_trace
 from validate.compare import compare
 
@@ -100,10 +101,11 @@ def _proc_cpu_s(pid: int) -> float:
 
 
 def _run_real(model: str, topo: Topology, workload: Workload, transport: str, seed: int,
-              trace_dir: Path | None = None, host: dict | None = None) -> pa.Table:
+              trace_dir: Path | None = None, host: dict | None = None, pin_cores: bool = False) -> pa.Table:
     """One real run; with ``trace_dir`` the workers log every model step there (`engine.step_trace`). ``host``, if
     given, receives ``background_cpu``: cores' worth of host CPU used by everything but the workers during the run
-    (router, load generator, other jobs) — an input to the simulator's `HostCPU` contention model."""
+    (router, load generator, host-speed sensors, other jobs) — an input to the simulator's `HostCPU` contention
+    model — and ``worker_cpus`` (the CPU each worker was pinned to, with ``pin_cores``)."""
     import os
 
     from engine.cluster import Cluster
@@ -114,7 +116,7 @@ def _run_real(model: str, topo: Topology, workload: Workload, transport: str, se
     if trace_dir is not None:
         os.environ[TRACE_ENV] = str(trace_dir)
     try:
-        with Cluster(model, topo, transport=transport, seed=seed) as c:
+        with Cluster(model, topo, transport=transport, seed=seed, pin_cores=pin_cores) as c:
             workers = [c.pid(p) for p in c.procs if p != "router"]
             busy0, work0, t0 = _host_busy_s(), sum(_proc_cpu_s(p) for p in workers), time.monotonic()
             table = run_load(c.url, workload, seed=seed)
@@ -122,6 +124,7 @@ def _run_real(model: str, topo: Topology, workload: Workload, transport: str, se
             if host is not None:
                 host["background_cpu"] = max(0.0, ((busy1 - busy0) - (work1 - work0)) / max(t1 - t0, 1e-9))
                 host["workers_cpu"] = (work1 - work0) / max(t1 - t0, 1e-9)
+                host["worker_cpus"] = dict(c.worker_cpus)
             return table
     finally:
         os.environ.pop(TRACE_ENV, None)
@@ -162,10 +165,13 @@ def trace_profile(trace_dir: Path, base: CostProfile) -> CostProfile | None:
                    fit={"prefill_cv_mape": pf.cv_mape, "decode_cv_mape": df.cv_mape})
 
 
-def service_error(trace_dir: Path, profile: CostProfile) -> dict:
+def service_error(trace_dir: Path, profile: CostProfile, speed: Mapping[str, SpeedTrace] | None = None,
+                  t_origin: float = 0.0) -> dict:
     """How the engine's own model steps compare with the profile's prediction for the same shapes, per step kind:
     median and mean of (predicted - measured) / measured, and the steps' count. This separates service-time error
-    (the profile under this load) from queueing and scheduling error (the simulator's model)."""
+    (the profile under this load) from queueing and scheduling error (the simulator's model). With ``speed`` (per
+    worker, times relative to the monotonic ``t_origin``) each prediction is scaled by the host-speed factor in force
+    when the step started, as the simulator does."""
     rows: dict[str, list[float]] = {"prefill": [], "decode": []}
     for st in _trace_steps(trace_dir):
         measured = st["t1"] - st["t0"]
@@ -175,6 +181,8 @@ def service_error(trace_dir: Path, profile: CostProfile) -> dict:
             ctx = [c + 1 for c in st["c"]]
             term = sum(ctx) if profile.decode_context == "sum" else len(ctx) * max(ctx)
             pred = profile.decode_step_s(len(ctx), term)
+        if speed and st["w"] in speed:
+            pred *= speed[st["w"]].at(st["k"], st["t0"] - t_origin)[0]
         if measured > 0:
             rows[st["k"]].append((pred - measured) / measured)
     return {k: {"steps": len(v), "median": float(np.median(v)) if v else math.nan,
@@ -190,11 +198,11 @@ def _replay(real: pa.Table, workload: Workload) -> Workload:
 
 
 def measure_capacity(model: str, topo: Topology, spec: ModelSpec, trace: str, transport: str, seed: int,
-                     length_scale: float | None, burst: int) -> float:
+                     length_scale: float | None, burst: int, pin_cores: bool = False) -> float:
     """A short real ramp: ``burst`` requests at once; capacity = requests finished by the time half of them are done,
     divided by that time (the queue is still full then, so every instance is busy)."""
     w = scaled_workload(trace, spec, burst, rate_rps=1e6, seed=seed + 7, length_scale=length_scale)
-    real = _run_real(model, topo, w, transport, seed)
+    real = _run_real(model, topo, w, transport, seed, pin_cores=pin_cores)
     ok = np.asarray(real.column("status").to_pylist()) == "ok"
     fin = np.sort(real.column("finished_s").to_numpy()[ok])
     if fin.size < 2:
@@ -207,10 +215,13 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
              workload: str = "azure-conv", num_requests: int = 100, profile: str | Path | None = None,
              calibrate_budget_s: float = 60.0, repeat: int = 1, seed: int = 0, transport: str = "shm",
              length_scale: float | None = None, burst: int = 32, capacity_rps: dict[str, float] | None = None,
-             host_contention: bool = True, progress: Progress | None = None) -> ValidationReport:
+             host_contention: bool = True, host_speed: bool = True, progress: Progress | None = None) -> ValidationReport:
     """Run the measure -> simulate -> compare loop (module docstring). ``capacity_rps`` skips the ramp for the
     topologies it names. ``host_contention``: simulate the workers sharing this host's cores with the background CPU
-    measured during each real run (`HostCPU`). Raises `ValidateError` on bad input."""
+    measured during each run (`HostCPU`). ``host_speed``: run a `calibrate.host_speed` sensor on every CPU for the
+    whole validation, pin the workers, and simulate each instance at its core's measured speed relative to the
+    calibration's (the profile's ``meta.host_speed_reference``; a --profile without one is simulated without). The
+    errors without host speed are reported next to them (``without_host_speed``). Raises `ValidateError` on bad input."""
     say = progress or (lambda msg: log.info(msg))
     if not loads or any(not 0 < f <= 2 for f in loads):
         raise ValidateError(f"--loads must be fractions of capacity in (0, 2], got {list(loads)}")
@@ -224,45 +235,105 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
 
     folder = resolve_model(model)
     spec = get_model(model) if model.lower() in ("tiny",) else from_hf_config(folder)
+    with ExitStack() as stack:
+        sensors = None
+        if host_speed:
+            from calibrate.host_speed import Sensors
+
+            say("starting host-speed sensors")
+            sensors = stack.enter_context(Sensors(folder, sorted(os.sched_getaffinity(0))))
+        prof, ref = _profile(profile, folder, calibrate_budget_s, transport, sensors, say)
+        report = ValidationReport(prof, {}, config={
+            "model": model, "topologies": list(topologies), "loads": list(loads), "workload": workload,
+            "num_requests": num_requests, "repeat": repeat, "seed": seed, "transport": transport,
+            "length_scale": length_scale, "burst": burst, "host_contention": host_contention,
+            "host_speed": ref is not None})
+        for label, topo in topos.items():
+            if capacity_rps and label in capacity_rps:
+                cap = capacity_rps[label]
+            else:
+                say(f"{label}: capacity ramp ({burst} requests at once)")
+                cap = measure_capacity(model, topo, spec, workload, transport, seed, length_scale, burst,
+                                       pin_cores=ref is not None)
+            report.capacity_rps[label] = cap
+            say(f"{label}: capacity {cap:.2f} req/s")
+            for load in loads:
+                rate = load * cap
+                w = scaled_workload(workload, spec, num_requests, rate, seed, length_scale)
+                for k in range(repeat):
+                    say(f"{label} at {load:.0%} ({rate:.2f} req/s), run {k + 1}/{repeat}: engine")
+                    report.runs.append(_measure_point(model, topo, w, transport, seed, prof, spec, sensors, ref,
+                                                      host_contention, label, load, rate, k))
+    return report
+
+
+def _profile(profile: str | Path | None, folder: Path, budget_s: float, transport: str, sensors: object,
+             say: Progress) -> tuple[CostProfile, object]:
+    """(the profile, its host-speed `Reference` or None): loaded, or calibrated now (with the sensors' reference
+    written into its meta)."""
+    from calibrate.host_speed import Reference, reference
+
     if profile is not None:
         prof = CostProfile.load(profile)
         say(f"profile {profile}")
+        ref = None
+        if sensors is not None and "host_speed_reference" in prof.meta:
+            ref = Reference.from_dict(prof.meta["host_speed_reference"], where=f"{profile}: meta.host_speed_reference")
+        elif sensors is not None:
+            say(f"{profile} has no host-speed reference (calibrated outside validate): simulating without host speed")
     else:
         import calibrate
 
-        say(f"calibrating {model} ({calibrate_budget_s:.0f} s budget)")
-        prof = calibrate.run(model=str(folder), budget_s=calibrate_budget_s, transports=[transport]).profile
+        say(f"calibrating {folder.name} ({budget_s:.0f} s budget)")
+        t0 = time.monotonic()
+        prof = calibrate.run(model=str(folder), budget_s=budget_s, transports=[transport]).profile
+        ref = reference(sensors.readings(t0, time.monotonic())) if sensors is not None else None  # type: ignore[attr-defined]
+        if ref is not None:
+            prof = replace(prof, meta={**prof.meta, "host_speed_reference": ref.to_dict()})
     if transport not in prof.links:
         raise ValidateError(f"the profile has no measured {transport!r} transport (has {sorted(prof.links)}); "
                             "recalibrate with the transport sweep")
-    report = ValidationReport(prof, {}, config={
-        "model": model, "topologies": list(topologies), "loads": list(loads), "workload": workload,
-        "num_requests": num_requests, "repeat": repeat, "seed": seed, "transport": transport,
-        "length_scale": length_scale, "burst": burst, "host_contention": host_contention})
-    for label, topo in topos.items():
-        if capacity_rps and label in capacity_rps:
-            cap = capacity_rps[label]
-        else:
-            say(f"{label}: capacity ramp ({burst} requests at once)")
-            cap = measure_capacity(model, topo, spec, workload, transport, seed, length_scale, burst)
-        report.capacity_rps[label] = cap
-        say(f"{label}: capacity {cap:.2f} req/s")
-        for load in loads:
-            rate = load * cap
-            w = scaled_workload(workload, spec, num_requests, rate, seed, length_scale)
-            for k in range(repeat):
-                say(f"{label} at {load:.0%} ({rate:.2f} req/s), run {k + 1}/{repeat}: engine")
-                host: dict = {}
-                with tempfile.TemporaryDirectory(prefix="disagg-steps-") as trace_dir:
-                    real = _run_real(model, topo, w, transport, seed, Path(trace_dir), host)
-                    service = service_error(Path(trace_dir), prof)
-                    diag = trace_profile(Path(trace_dir), prof)
-                cpu = HostCPU(os.cpu_count() or 1, host.get("background_cpu", 0.0)) if host_contention else None
-                replay = _replay(real, w)
-                sim = simulate(topo, replay, prof, model=spec, seed=seed, host=cpu).records
-                errors = {**compare(real, sim), "service": service, "host": host}
-                if diag is not None:  # the queueing model alone: the engine's own step costs, no contention stretch
-                    trace_sim = simulate(topo, replay, diag, model=spec, seed=seed).records
-                    errors["with_engine_step_costs"] = compare(real, trace_sim)["errors"]
-                report.runs.append(RunResult(label, load, rate, k, real, sim, errors))
-    return report
+    return prof, ref
+
+
+def _measure_point(model: str, topo: Topology, w: Workload, transport: str, seed: int, prof: CostProfile,
+                   spec: ModelSpec, sensors: object, ref: object, host_contention: bool, label: str, load: float,
+                   rate: float, k: int) -> RunResult:
+    """One real run at one load, its simulations (with / without host speed, with the engine's own step costs) and
+    their errors."""
+    from calibrate.host_speed import speed_traces
+    from engine.loadgen import T0_KEY
+
+    host: dict = {}
+    with tempfile.TemporaryDirectory(prefix="disagg-steps-") as trace_dir:
+        real = _run_real(model, topo, w, transport, seed, Path(trace_dir), host, pin_cores=ref is not None)
+        speed: dict[str, SpeedTrace] = {}
+        t_origin = float((real.schema.metadata or {}).get(T0_KEY, b"nan"))
+        if ref is not None and math.isfinite(t_origin):
+            readings = sensors.readings(t_origin - 5.0, time.monotonic())  # type: ignore[attr-defined]
+            speed = speed_traces(readings, host["worker_cpus"], ref, t_origin)  # type: ignore[arg-type]
+        service = service_error(Path(trace_dir), prof)
+        service_speed = service_error(Path(trace_dir), prof, speed, t_origin) if speed else None
+        diag = trace_profile(Path(trace_dir), prof)
+    cores = os.cpu_count() or 1
+    replay = _replay(real, w)
+    cpu = HostCPU(cores, host.get("background_cpu", 0.0), speed=speed) if host_contention else \
+        (HostCPU(cores, 0.0, speed=speed) if speed else None)
+    sim = simulate(topo, replay, prof, model=spec, seed=seed, host=cpu).records
+    errors = {**compare(real, sim), "service": service, "host": host}
+    if speed:
+        plain = HostCPU(cores, host.get("background_cpu", 0.0)) if host_contention else None
+        errors["without_host_speed"] = compare(real, simulate(topo, replay, prof, model=spec, seed=seed,
+                                                              host=plain).records)["errors"]
+        errors["service_with_host_speed"] = service_speed
+        errors["host_speed"] = {name: {kind: _factor_summary(getattr(tr, kind)) for kind in ("prefill", "decode")}
+                                for name, tr in speed.items()}
+    if diag is not None:  # the queueing model alone: the engine's own step costs, no contention stretch
+        trace_sim = simulate(topo, replay, diag, model=spec, seed=seed).records
+        errors["with_engine_step_costs"] = compare(real, trace_sim)["errors"]
+    return RunResult(label, load, rate, k, real, sim, errors)
+
+
+def _factor_summary(f: tuple[float, ...]) -> dict:
+    v = np.asarray(f)
+    return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()), "readings": int(v.size)}
