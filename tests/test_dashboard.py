@@ -130,3 +130,23 @@ def test_browser_renders_the_recommendation(tmp_path, plan_cache):
             browser.quit()
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_validation_page_shows_a_report_with_and_without_host_speed(tmp_path):
+    from sim import PRESETS, Topology, Workload, constant_profile, simulate
+    from validate.compare import compare
+    from validate.report import write
+    from validate.runner import RunResult, ValidationReport
+
+    w = Workload.from_lists([0.0, 0.1, 0.2], [10, 20, 30], [4, 4, 4])
+    topo = Topology.colocated(1, kv_capacity_tokens=1000)
+    real = simulate(topo, w, constant_profile(0.02, 0.01), model=PRESETS["tiny"]).records
+    sim = simulate(topo, w, constant_profile(0.018, 0.011), model=PRESETS["tiny"]).records
+    errors = {**compare(real, sim), "without_host_speed": compare(real, real)["errors"]}
+    report = ValidationReport(constant_profile(0.02, 0.01), {"1C": 10.0}, [RunResult("1C", 0.5, 5.0, 0, real, sim, errors)])
+    write(report, tmp_path)
+    at = run_page("validation", val_path=str(tmp_path))
+    assert not at.error
+    table = at.dataframe[1].value
+    assert table["ttft_p50 without host speed"].tolist() == [0.0]
+    assert table["tpot_p50"].tolist() == [pytest.approx(errors["errors"]["tpot_p50"])]

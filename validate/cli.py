@@ -27,6 +27,10 @@ def register(app: typer.Typer) -> None:
                                         "process per core (calibrate.host_speed), pin the workers, and simulate "
                                         "each instance at its core's speed relative to the calibration's "
                                         "(built-in backend)."),
+        calibration: str = typer.Option("serving", help="Without --profile: 'grid' times each shape in one "
+                                        "process; 'serving' also fits the engine's own steps while it serves a "
+                                        "calibration workload (calibrate.serving)."),
+        serving_s: float = typer.Option(45.0, "--serving-s", help="Length of the serving calibration's load."),
         max_error: float = typer.Option(0.10, help="Exit 1 when a p50 TTFT / p50 TPOT / throughput error exceeds it."),
         seed: int = typer.Option(0),
         out: Path = typer.Option(Path("out/validate"), "--out", "-o"),
@@ -56,7 +60,7 @@ def register(app: typer.Typer) -> None:
                 report = validate(model=model, topologies=tuple(t for t in topologies.split(",") if t.strip()),
                                   loads=loads_f, workload=workload, num_requests=num_requests, profile=profile,
                                   calibrate_budget_s=budget_s, repeat=repeat, seed=seed, length_scale=length_scale,
-                                  burst=burst, host_contention=host_contention, host_speed=host_speed, progress=lambda msg: status.update(f"validate: {msg}"))
+                                  burst=burst, host_contention=host_contention, host_speed=host_speed, calibration=calibration, serving_s=serving_s, progress=lambda msg: status.update(f"validate: {msg}"))
         except (ValidateError, FileNotFoundError, ValueError) as e:
             fail(str(e))
         s = write(report, out, max_error=max_error)

@@ -132,37 +132,14 @@ def _run_real(model: str, topo: Topology, workload: Workload, transport: str, se
             os.environ[TRACE_ENV] = old
 
 
-def _trace_steps(trace_dir: Path) -> list[dict]:
-    import json
-
-    return [json.loads(line) for f in sorted(Path(trace_dir).glob("*.jsonl")) for line in f.read_text().splitlines()]
-
-
 def trace_profile(trace_dir: Path, base: CostProfile) -> CostProfile | None:
-    """A diagnostic profile fitted to the engine's own traced steps of one run (same formulas as calibration).
+    """A diagnostic profile fitted to the engine's own traced steps of one run (wall time, same formulas as
+    calibration; `calibrate.serving.fit_steps`). Simulating with it isolates the simulator's queueing / scheduling
+    error from the calibration's service-time error. It is fitted in-sample on the run it then replays, so it is a
+    diagnosis, never a prediction. None when the run has too few steps of a kind to fit."""
+    from calibrate.serving import fit_steps, read_steps
 
-    Simulating with it isolates the simulator's queueing / scheduling error from the calibration's service-time
-    error. It is fitted in-sample on the run it then replays, so it is a diagnosis, never a prediction. None when
-    the run has too few steps of a kind to fit."""
-    from calibrate.fit import fit_decode, fit_prefill
-
-    steps = _trace_steps(trace_dir)
-    pre = [st for st in steps if st["k"] == "prefill"]
-    dec = [st for st in steps if st["k"] == "decode"]
-    if len(pre) < 8 or len(dec) < 8:
-        return None
-    pf = fit_prefill(np.array([len(st["n"]) for st in pre]), np.array([sum(st["n"]) for st in pre], float),
-                     np.array([sum((c + n) ** 2 - c * c for n, c in zip(st["n"], st["c"], strict=False)) for st in pre], float),
-                     np.array([st["t1"] - st["t0"] for st in pre]))
-
-    def term(st: dict) -> float:
-        ctx = [c + 1 for c in st["c"]]
-        return float(sum(ctx) if base.decode_context == "sum" else len(ctx) * max(ctx))
-
-    df = fit_decode(np.array([len(st["c"]) for st in dec]), np.array([term(st) for st in dec]),
-                    np.array([st["t1"] - st["t0"] for st in dec]))
-    return replace(base, name=f"{base.name}:engine-trace", prefill=pf.cost, decode=df.pieces,
-                   fit={"prefill_cv_mape": pf.cv_mape, "decode_cv_mape": df.cv_mape})
+    return fit_steps(read_steps(trace_dir), base, "wall", name=f"{base.name}:engine-trace")
 
 
 def service_error(trace_dir: Path, profile: CostProfile, speed: Mapping[str, SpeedTrace] | None = None,
@@ -173,7 +150,9 @@ def service_error(trace_dir: Path, profile: CostProfile, speed: Mapping[str, Spe
     worker, times relative to the monotonic ``t_origin``) each prediction is scaled by the host-speed factor in force
     when the step started, as the simulator does."""
     rows: dict[str, list[float]] = {"prefill": [], "decode": []}
-    for st in _trace_steps(trace_dir):
+    from calibrate.serving import read_steps
+
+    for st in read_steps(trace_dir):
         measured = st["t1"] - st["t0"]
         if st["k"] == "prefill":
             pred = profile.prefill_s(st["n"], st["c"])
@@ -215,18 +194,26 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
              workload: str = "azure-conv", num_requests: int = 100, profile: str | Path | None = None,
              calibrate_budget_s: float = 60.0, repeat: int = 1, seed: int = 0, transport: str = "shm",
              length_scale: float | None = None, burst: int = 32, capacity_rps: dict[str, float] | None = None,
-             host_contention: bool = True, host_speed: bool = True, progress: Progress | None = None) -> ValidationReport:
+             host_contention: bool = True, host_speed: bool = True, calibration: str = "serving",
+             serving_s: float = 45.0, progress: Progress | None = None) -> ValidationReport:
     """Run the measure -> simulate -> compare loop (module docstring). ``capacity_rps`` skips the ramp for the
     topologies it names. ``host_contention``: simulate the workers sharing this host's cores with the background CPU
     measured during each run (`HostCPU`). ``host_speed``: run a `calibrate.host_speed` sensor on every CPU for the
     whole validation, pin the workers, and simulate each instance at its core's measured speed relative to the
     calibration's (the profile's ``meta.host_speed_reference``; a --profile without one is simulated without). The
-    errors without host speed are reported next to them (``without_host_speed``). Raises `ValidateError` on bad input."""
+    errors without host speed are reported next to them (``without_host_speed``). ``calibration`` (when no
+    ``profile`` is given): ``"grid"`` times each shape in this process (`calibrate.run`); ``"serving"`` (default)
+    then also serves a calibration workload of its own on the engine for ``serving_s`` seconds and fits the engine's
+    traced steps (`calibrate.serving`), keeping the grid profile's links. Raises `ValidateError` on bad input."""
     say = progress or (lambda msg: log.info(msg))
     if not loads or any(not 0 < f <= 2 for f in loads):
         raise ValidateError(f"--loads must be fractions of capacity in (0, 2], got {list(loads)}")
     if num_requests < 2 or repeat < 1:
         raise ValidateError("--num-requests must be >= 2 and --repeat >= 1")
+    if calibration not in ("serving", "grid"):
+        raise ValidateError(f"--calibration must be serving or grid, got {calibration!r}")
+    if not serving_s > 0:
+        raise ValidateError(f"--serving-s must be > 0, got {serving_s!r}")
     from engine.cluster import DEFAULT_KV_TOKENS, resolve_model
 
     # the same pool settings for the engine and the simulator (the engine's defaults, made explicit)
@@ -242,12 +229,13 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
 
             say("starting host-speed sensors")
             sensors = stack.enter_context(Sensors(folder, sorted(os.sched_getaffinity(0))))
-        prof, ref = _profile(profile, folder, calibrate_budget_s, transport, sensors, say)
+        prof, ref = _profile(profile, folder, spec, calibrate_budget_s, transport, sensors, say,
+                             calibration, serving_s, seed)
         report = ValidationReport(prof, {}, config={
             "model": model, "topologies": list(topologies), "loads": list(loads), "workload": workload,
             "num_requests": num_requests, "repeat": repeat, "seed": seed, "transport": transport,
             "length_scale": length_scale, "burst": burst, "host_contention": host_contention,
-            "host_speed": ref is not None})
+            "host_speed": ref is not None, "calibration": "profile" if profile is not None else calibration})
         for label, topo in topos.items():
             if capacity_rps and label in capacity_rps:
                 cap = capacity_rps[label]
@@ -267,10 +255,11 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
     return report
 
 
-def _profile(profile: str | Path | None, folder: Path, budget_s: float, transport: str, sensors: object,
-             say: Progress) -> tuple[CostProfile, object]:
-    """(the profile, its host-speed `Reference` or None): loaded, or calibrated now (with the sensors' reference
-    written into its meta)."""
+def _profile(profile: str | Path | None, folder: Path, spec: ModelSpec, budget_s: float, transport: str,
+             sensors: object, say: Progress, calibration: str = "grid", serving_s: float = 45.0,
+             seed: int = 0) -> tuple[CostProfile, object]:
+    """(the profile, its host-speed `Reference` or None): loaded, or calibrated now (see `validate`), with the
+    sensors' reference over the calibration that produced its step costs written into its meta."""
     from calibrate.host_speed import Reference, reference
 
     if profile is not None:
@@ -287,7 +276,13 @@ def _profile(profile: str | Path | None, folder: Path, budget_s: float, transpor
         say(f"calibrating {folder.name} ({budget_s:.0f} s budget)")
         t0 = time.monotonic()
         prof = calibrate.run(model=str(folder), budget_s=budget_s, transports=[transport]).profile
-        ref = reference(sensors.readings(t0, time.monotonic())) if sensors is not None else None  # type: ignore[attr-defined]
+        t1 = time.monotonic()
+        if calibration == "serving":
+            from calibrate.serving import calibrate_serving
+
+            prof, info = calibrate_serving(folder, spec, prof, serving_s, seed, transport, progress=say)
+            t0, t1 = info["t_start"], info["t_end"]
+        ref = reference(sensors.readings(t0, t1)) if sensors is not None else None  # type: ignore[attr-defined]
         if ref is not None:
             prof = replace(prof, meta={**prof.meta, "host_speed_reference": ref.to_dict()})
     if transport not in prof.links:

@@ -35,6 +35,18 @@ st.caption(f"{folder} · verdict: {verdict if verdict is not None else '?'}")
 runs = pd.DataFrame(summary.get("runs", []))
 if len(runs):
     st.dataframe(runs.drop(columns=[c for c in runs.columns if isinstance(runs[c].iloc[0], dict)]), hide_index=True)
+    st.subheader("Errors: (sim - real) / real")
+    rows = []
+    for r in summary["runs"]:
+        e, plain = r.get("errors", {}), r.get("without_host_speed") or {}
+        rows.append({"topology": r.get("topology"), "load": r.get("load"), "run": r.get("repeat", 0) + 1,
+                     **{k: e.get(k) for k in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90", "throughput")},
+                     **{f"{k} without host speed": plain.get(k) for k in ("ttft_p50", "tpot_p50")}})
+    st.dataframe(pd.DataFrame(rows).style.format(lambda v: f"{v:+.1%}" if isinstance(v, float) and 0 <= abs(v) < 100
+                                                 else v, subset=[c for c in rows[0] if c not in ("topology", "load", "run")]),
+                 hide_index=True)
+    st.caption("'without host speed': the same simulation with every instance at the profile's speed (no per-core "
+               "speed measured during the run; see README, Validation).")
 if joined is None or not len(joined):
     st.info("The report has no joined.parquet (no runs finished).")
     st.stop()

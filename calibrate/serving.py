@@ -1,0 +1,135 @@
+"""Serving calibration: fit step costs to the engine's own model steps while it serves a calibration workload.
+
+Why: the grid calibration (`calibrate.harness`) times each shape back to back in one process, the hottest a step can
+run. On the 2-core machine disagg is developed on, the engine's prefill steps under serving took 1.5-1.8x the CPU time
+that profile predicts for the same shapes (four 1P1D runs: 1.52-1.57x, pinned or not), while decode steps agreed
+within the machine's noise. Measured parts of it, each in one process on one core: a prefill right after decode steps
+costs 4-9 % more than one right after another prefill, one after 0.3 s idle 5-35 % more, and a fresh process runs
+the same prefill 1.1-1.2x slower than the calibration's fit at the same host speed (`calibrate.host_speed`); the
+prefill worker's steps also wait for their core ~13 % of their CPU time (its KV sender thread, the router). So
+the serving calibration measures steps where they run.
+
+How: start the engine colocated with one worker per CPU (pinned, ``Cluster(pin_cores=True)``), replay a synthetic
+workload with step tracing on (`engine.step_trace`), and fit the traced steps with the grid calibration's formulas
+(`calibrate.fit`). The time fitted is each step's CPU time in the worker's model thread (``u``): waiting for the core
+is left to the simulator's contention model (`sim.topology.HostCPU`), as in validation. The workload is its own:
+prompt lengths log-uniform over 16 .. half the model's context (at most 2,048), outputs log-uniform over 4 .. 128,
+Poisson arrivals at ~50 % of the colocated cluster's capacity estimated from ``base`` (a grid profile), seeded
+apart from any validation workload. Links, model and everything else come from ``base``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from calibrate import CalibrationError
+from calibrate.fit import fit_decode, fit_prefill
+from sim.cost_profile import CostProfile
+from sim.model_spec import ModelSpec
+from sim.request import RequestSpec, Workload
+
+UTILIZATION = 0.5
+MIN_REQUESTS = 40
+MIN_STEPS = 8
+_SEED_OFFSET = 1_000_003  # calibration prompts never coincide with a validation workload's of the same seed
+
+
+def read_steps(trace_dir: str | Path) -> list[dict]:
+    """Every step record of an `engine.step_trace` folder."""
+    return [json.loads(line) for f in sorted(Path(trace_dir).glob("*.jsonl")) for line in f.read_text().splitlines()]
+
+
+def fit_steps(steps: list[dict], base: CostProfile, time_key: str = "u", name: str = "") -> CostProfile | None:
+    """``base`` with its prefill and decode formulas fitted to traced steps (``time_key``: ``"u"`` model-thread CPU
+    seconds, or ``"wall"`` for ``t1 - t0``). None when there are fewer than `MIN_STEPS` steps of a kind."""
+
+    def seconds(st: dict) -> float:
+        return st["t1"] - st["t0"] if time_key == "wall" else st[time_key]
+
+    pre = [st for st in steps if st["k"] == "prefill" and seconds(st) > 0]
+    dec = [st for st in steps if st["k"] == "decode" and seconds(st) > 0]
+    if len(pre) < MIN_STEPS or len(dec) < MIN_STEPS:
+        return None
+    pf = fit_prefill(np.array([len(st["n"]) for st in pre]), np.array([sum(st["n"]) for st in pre], float),
+                     np.array([sum((c + n) ** 2 - c * c for n, c in zip(st["n"], st["c"], strict=True)) for st in pre],
+                              float),
+                     np.array([seconds(st) for st in pre]))
+
+    def term(st: dict) -> float:
+        ctx = [c + 1 for c in st["c"]]
+        return float(sum(ctx) if base.decode_context == "sum" else len(ctx) * max(ctx))
+
+    df = fit_decode(np.array([len(st["c"]) for st in dec]), np.array([term(st) for st in dec]),
+                    np.array([seconds(st) for st in dec]))
+    fit = {"method": f"engine steps ({time_key})", "prefill_steps": len(pre), "decode_steps": len(dec),
+           "prefill_cv_mape": pf.cv_mape, "decode_cv_mape": df.cv_mape}
+    return replace(base, name=name or f"{base.name}:engine-steps", prefill=pf.cost, decode=df.pieces, fit=fit)
+
+
+def calibration_workload(spec: ModelSpec, base: CostProfile, instances: int, duration_s: float, seed: int) -> Workload:
+    """The serving calibration's requests (module docstring): enough for ``duration_s`` at ~50 % of ``instances``
+    colocated instances' capacity as ``base`` predicts it (a request costs its prefill plus its decode steps shared
+    by a batch of 8)."""
+    rng = np.random.default_rng(seed + _SEED_OFFSET)
+    max_prompt = max(32, min(2048, spec.max_context_tokens // 2))
+    prompts = np.exp(rng.uniform(math.log(16), math.log(max_prompt), 4096)).astype(int)
+    outputs = np.exp(rng.uniform(math.log(4), math.log(128), 4096)).astype(int)
+    per_request = float(np.mean([base.prefill_s([int(p)]) for p in prompts[:256]]))
+    ctx = float(np.mean(prompts) + np.mean(outputs) / 2)
+    per_request += float(np.mean(outputs)) * base.decode_step_s(8, 8 * ctx) / 8
+    rate = UTILIZATION * instances / per_request
+    n = max(MIN_REQUESTS, int(rate * duration_s))
+    gaps = rng.exponential(1.0 / rate, n)
+    arrivals = np.concatenate([[0.0], np.cumsum(gaps[1:])])
+    reqs = tuple(RequestSpec(i, float(arrivals[i]), int(prompts[i % 4096]), max(2, int(outputs[i % 4096])))
+                 for i in range(n))
+    return Workload(reqs, f"serving-calibration@{rate:.2f}rps")
+
+
+def calibrate_serving(model_dir: str | Path, spec: ModelSpec, base: CostProfile, duration_s: float = 45.0,
+                      seed: int = 0, transport: str = "shm", cpus: int | None = None,
+                      progress: Callable[[str], None] | None = None) -> tuple[CostProfile, dict]:
+    """(profile fitted to the engine's steps, run info: monotonic ``t_start`` / ``t_end`` of the load, requests,
+    rate, failed requests). See the module docstring. Raises `CalibrationError` if the run yields too few steps."""
+    from engine.cluster import DEFAULT_KV_TOKENS, Cluster
+    from engine.loadgen import run_load
+    from engine.step_trace import TRACE_ENV
+    from sim.topology import Topology
+
+    say = progress or (lambda msg: None)
+    n_inst = cpus or len(os.sched_getaffinity(0))
+    w = calibration_workload(spec, base, n_inst, duration_s, seed)
+    say(f"serving calibration: {len(w)} requests at {w.rate_rps:.2f} req/s on {n_inst} colocated workers")
+    old = os.environ.get(TRACE_ENV)
+    with tempfile.TemporaryDirectory(prefix="disagg-serving-cal-") as trace_dir:
+        os.environ[TRACE_ENV] = trace_dir
+        try:
+            topo = Topology.colocated(n_inst, kv_capacity_tokens=DEFAULT_KV_TOKENS)
+            with Cluster(model_dir, topo, transport=transport, seed=seed, pin_cores=True) as c:
+                t_start = time.monotonic()
+                table = run_load(c.url, w, seed=seed + _SEED_OFFSET)
+                t_end = time.monotonic()
+        finally:
+            os.environ.pop(TRACE_ENV, None)
+            if old is not None:
+                os.environ[TRACE_ENV] = old
+        steps = read_steps(trace_dir)
+    failed = int(sum(s != "ok" for s in table.column("status").to_pylist()))
+    prof = fit_steps(steps, base, "u", name=f"{base.name}:serving")
+    if prof is None:
+        raise CalibrationError(f"serving calibration: {len(steps)} traced steps are too few to fit "
+                               f"({failed} of {len(w)} requests failed); raise the duration")
+    info = {"t_start": t_start, "t_end": t_end, "requests": len(w), "rate_rps": w.rate_rps, "failed": failed,
+            "workers": n_inst, "duration_s": round(t_end - t_start, 2)}
+    prof = replace(prof, fit={**prof.fit, "grid": base.fit},
+                   meta={**base.meta, "serving_calibration": {k: v for k, v in info.items() if not k.startswith("t_")}})
+    return prof, info
