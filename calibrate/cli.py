@@ -72,6 +72,9 @@ def run(
                                                "default: all the engine has."),
     backend: str = typer.Option("builtin", help="builtin (disagg's model runner) or vllm (vLLM's per-iteration "
                                 "stats from one eager vLLM server, .venv-vllm)."),
+    serving_s: float = typer.Option(0.0, "--serving-s", help="Then serve a calibration workload on the engine for "
+                                    "this many seconds and fit its own steps instead (calibrate.serving; CPU; 0: "
+                                    "off). The grid fit stays in the profile's fit.base."),
 ) -> None:
     """Measure prefill/decode step times and KV-transfer bandwidth on this machine and fit a cost profile."""
     from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -87,6 +90,10 @@ def run(
     if backend != "builtin":
         _fail(f"--backend must be builtin or vllm, got {backend!r}")
 
+    if serving_s < 0 or not math.isfinite(serving_s):
+        _fail(f"--serving-s must be >= 0 seconds, got {serving_s}")
+    if serving_s and device != "cpu":
+        _fail("--serving-s: the serving calibration runs the CPU engine; use it with --device cpu")
     kinds = None if not transport else [k for k in transport if k != "none"]
     name = Path(model).name if Path(model).exists() else model
     out = out or Path("profiles") / f"{name}-{device.replace(':', '')}-{dtype}.json"
@@ -117,7 +124,30 @@ def run(
         if res.profile.fit[which]["heldout_mape"] > 0.10:
             console.print(f"[bold red]warning:[/] {which} held-out MAPE above 10 %: the machine was too noisy or "
                           "the budget too small; rerun with a larger --budget-s")
+    if serving_s:
+        _serve_and_refit(model, dtype, res.profile, serving_s, seed, res.profile_path)
     console.print(f"wrote {res.profile_path} and {res.samples_path}")
+
+
+def _serve_and_refit(model: str, dtype: str, grid, serving_s: float, seed: int, out: Path) -> None:
+    from calibrate import CalibrationError
+    from calibrate.report import show
+    from calibrate.serving import calibrate_serving
+    from disagg_cli.main import console
+    from engine.cluster import ClusterError, resolve_model
+    from sim.model_spec import from_hf_config, get_model
+
+    folder = resolve_model(model)
+    spec = get_model(model) if model.lower() == "tiny" else from_hf_config(folder)
+    try:
+        with console.status(f"serving calibration ({serving_s:g} s of load) ...") as status:
+            prof, info = calibrate_serving(folder, spec, grid, serving_s, seed, dtype=dtype,
+                                           progress=lambda msg: status.update(msg))
+    except (CalibrationError, ClusterError) as e:
+        _fail(str(e))
+    prof.save(out)
+    _print_rows(show(prof)[:2], f"{prof.name}: {info['requests']} requests at {info['rate_rps']:.2f} req/s, "
+                f"{info['duration_s']:.0f} s (cross-validated MAPE over the engine's steps)")
 
 
 def _run_vllm(model: str, budget_s: float, out: Path | None, seed: int) -> None:

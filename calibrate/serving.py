@@ -50,7 +50,9 @@ def read_steps(trace_dir: str | Path) -> list[dict]:
 
 def fit_steps(steps: list[dict], base: CostProfile, time_key: str = "u", name: str = "") -> CostProfile | None:
     """``base`` with its prefill and decode formulas fitted to traced steps (``time_key``: ``"u"`` model-thread CPU
-    seconds, or ``"wall"`` for ``t1 - t0``). None when there are fewer than `MIN_STEPS` steps of a kind."""
+    seconds, or ``"wall"`` for ``t1 - t0``). None when there are fewer than `MIN_STEPS` steps of a kind. ``fit``
+    has the grid calibration's layout (``prefill`` / ``decode``: step counts as fit points and the cross-validated
+    MAPE; there are no held-out shapes; ``links`` kept) with ``base``'s own fit figures under ``base``."""
 
     def seconds(st: dict) -> float:
         return st["t1"] - st["t0"] if time_key == "wall" else st[time_key]
@@ -70,8 +72,10 @@ def fit_steps(steps: list[dict], base: CostProfile, time_key: str = "u", name: s
 
     df = fit_decode(np.array([len(st["c"]) for st in dec]), np.array([term(st) for st in dec]),
                     np.array([seconds(st) for st in dec]))
-    fit = {"method": f"engine steps ({time_key})", "prefill_steps": len(pre), "decode_steps": len(dec),
-           "prefill_cv_mape": pf.cv_mape, "decode_cv_mape": df.cv_mape}
+    fit = {"method": f"engine steps ({time_key})",
+           "prefill": {"fit_points": len(pre), "heldout_points": 0, "cv_mape": pf.cv_mape},
+           "decode": {"fit_points": len(dec), "heldout_points": 0, "cv_mape": df.cv_mape, "pieces": len(df.pieces)},
+           "links": base.fit.get("links", {}), "base": {k: v for k, v in base.fit.items() if k != "links"}}
     return replace(base, name=name or f"{base.name}:engine-steps", prefill=pf.cost, decode=df.pieces, fit=fit)
 
 
@@ -96,10 +100,12 @@ def calibration_workload(spec: ModelSpec, base: CostProfile, instances: int, dur
 
 
 def calibrate_serving(model_dir: str | Path, spec: ModelSpec, base: CostProfile, duration_s: float = 45.0,
-                      seed: int = 0, transport: str = "shm", cpus: int | None = None,
+                      seed: int = 0, transport: str = "shm", cpus: int | None = None, dtype: str = "bf16",
+                      trace_dir: str | Path | None = None,
                       progress: Callable[[str], None] | None = None) -> tuple[CostProfile, dict]:
     """(profile fitted to the engine's steps, run info: monotonic ``t_start`` / ``t_end`` of the load, requests,
-    rate, failed requests). See the module docstring. Raises `CalibrationError` if the run yields too few steps."""
+    rate, failed requests). ``trace_dir`` keeps the step traces there (default: a temporary folder). See the module
+    docstring. Raises `CalibrationError` if the run yields too few steps."""
     from engine.cluster import DEFAULT_KV_TOKENS, Cluster
     from engine.loadgen import run_load
     from engine.step_trace import TRACE_ENV
@@ -110,11 +116,14 @@ def calibrate_serving(model_dir: str | Path, spec: ModelSpec, base: CostProfile,
     w = calibration_workload(spec, base, n_inst, duration_s, seed)
     say(f"serving calibration: {len(w)} requests at {w.rate_rps:.2f} req/s on {n_inst} colocated workers")
     old = os.environ.get(TRACE_ENV)
-    with tempfile.TemporaryDirectory(prefix="disagg-serving-cal-") as trace_dir:
-        os.environ[TRACE_ENV] = trace_dir
+    with tempfile.TemporaryDirectory(prefix="disagg-serving-cal-") as tmp:
+        trace_dir = Path(trace_dir or tmp)
+        for old_trace in trace_dir.glob("*.jsonl"):  # a kept folder from an earlier run
+            old_trace.unlink()
+        os.environ[TRACE_ENV] = str(trace_dir)
         try:
             topo = Topology.colocated(n_inst, kv_capacity_tokens=DEFAULT_KV_TOKENS)
-            with Cluster(model_dir, topo, transport=transport, seed=seed, pin_cores=True) as c:
+            with Cluster(model_dir, topo, transport=transport, seed=seed, pin_cores=True, dtype=dtype) as c:
                 t_start = time.monotonic()
                 table = run_load(c.url, w, seed=seed + _SEED_OFFSET)
                 t_end = time.monotonic()
@@ -130,6 +139,6 @@ def calibrate_serving(model_dir: str | Path, spec: ModelSpec, base: CostProfile,
                                f"({failed} of {len(w)} requests failed); raise the duration")
     info = {"t_start": t_start, "t_end": t_end, "requests": len(w), "rate_rps": w.rate_rps, "failed": failed,
             "workers": n_inst, "duration_s": round(t_end - t_start, 2)}
-    prof = replace(prof, fit={**prof.fit, "grid": base.fit},
-                   meta={**base.meta, "serving_calibration": {k: v for k, v in info.items() if not k.startswith("t_")}})
+    prof = replace(prof, meta={**base.meta, "serving_calibration": {k: v for k, v in info.items()
+                                                                    if not k.startswith("t_")}})
     return prof, info

@@ -121,6 +121,10 @@ def test_missing_weights_and_cli_errors_have_no_traceback(tmp_path):
     assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(app, ["calibrate", "show", str(tmp_path / "missing.json")])
     assert r.exit_code == 2 and "no such cost profile" in r.output
+    r = CliRunner().invoke(app, ["calibrate", "run", "--serving-s", "-1"])
+    assert r.exit_code == 2 and "--serving-s must be >= 0" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["calibrate", "run", "--serving-s", "5", "--device", "cuda"])
+    assert r.exit_code == 2 and "use it with --device cpu" in r.output
 
 
 @pytest.mark.gpu

@@ -73,6 +73,16 @@ def test_parse_topology_rejects(label):
         parse_topology(label)
 
 
+@pytest.mark.parametrize("kw,msg", [({"calibration": "fast"}, "--calibration must be serving or grid"),
+                                    ({"serving_s": 0}, "--serving-s must be > 0"),
+                                    ({"loads": (0.5, 3.0)}, "--loads must be fractions")])
+def test_validate_rejects_bad_options_before_running_anything(kw, msg):
+    from validate.runner import validate
+
+    with pytest.raises(ValidateError, match=msg):
+        validate(**kw)
+
+
 def test_scaled_workload_fits_context_and_is_seeded():
     tiny = PRESETS["tiny"]
     w = scaled_workload("azure-conv", tiny, 200, rate_rps=3.0, seed=1)
@@ -88,7 +98,8 @@ def test_short_validate_run_end_to_end(tmp_path):
 
     out = tmp_path / "v"
     res = CliRunner().invoke(app, ["validate", "--topologies", "1P1D", "--loads", "0.5", "--num-requests", "12",
-                                   "--burst", "8", "--budget-s", "25", "--max-error", "100", "--out", str(out)])
+                                   "--burst", "8", "--budget-s", "25", "--serving-s", "6", "--max-error", "100",
+                                   "--out", str(out)])
     assert res.exit_code == 0, res.output
     s = json.loads((out / "summary.json").read_text())
     assert s["capacity_rps"]["1P1D"] > 0 and len(s["runs"]) == 1
@@ -98,6 +109,15 @@ def test_short_validate_run_end_to_end(tmp_path):
         assert math.isfinite(run["errors"][k]) and abs(run["errors"][k]) < 5  # sane, not a unit slip
     assert (out / "joined.parquet").exists() and (out / "error_vs_load.png").exists()
     assert (out / "profile.json").exists()
+    assert s["config"]["calibration"] == "serving" and s["config"]["host_speed"]
+    for k in ("ttft_p50", "tpot_p50"):  # the same run simulated without the measured host speed
+        assert math.isfinite(run["without_host_speed"][k])
+    speed = run["host_speed"]
+    assert set(speed) == {"P0", "D0"} and all(0.2 < v["prefill"]["median"] < 5 for v in speed.values())
+    from sim.cost_profile import CostProfile
+
+    prof = CostProfile.load(out / "profile.json")
+    assert prof.fit["method"] == "engine steps (u)" and prof.meta["host_speed_reference"]["samples"] >= 3
     from validate.report import load_report
 
     summary, joined = load_report(out)

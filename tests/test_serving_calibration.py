@@ -1,0 +1,81 @@
+"""Serving calibration (`calibrate.serving`): fitting traced engine steps, its workload, and one short real run."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from calibrate.serving import MIN_STEPS, calibration_workload, fit_steps
+from sim import PRESETS
+from sim.cost_profile import CostProfile, DecodePiece, PrefillCost
+
+TRUE = CostProfile("true", "constant", PrefillCost(0.004, 5e-5, 1e-8), (DecodePiece(1 << 30, 0.006, 2e-4, 1e-6),),
+                   decode_context="sum")
+
+
+def _steps(rng, n_pre=40, n_dec=60, noise=0.0):
+    steps, t = [], 100.0
+    for _ in range(n_pre):
+        n = [int(x) for x in rng.integers(16, 1500, rng.integers(1, 4))]
+        c = [0] * len(n)
+        dur = TRUE.prefill_s(n, c) * (1 + noise * rng.standard_normal())
+        steps.append({"w": "C0", "k": "prefill", "t0": t, "t1": t + dur * 1.1, "n": n, "c": c, "u": dur})
+        t += dur * 1.2
+    for _ in range(n_dec):
+        c = [int(x) for x in rng.integers(10, 1500, rng.integers(1, 24))]
+        dur = TRUE.decode_step_s(len(c), sum(x + 1 for x in c)) * (1 + noise * rng.standard_normal())
+        steps.append({"w": "C1", "k": "decode", "t0": t, "t1": t + dur * 1.1, "n": [1] * len(c), "c": c, "u": dur})
+        t += dur * 1.2
+    return steps
+
+
+def test_fit_steps_recovers_the_step_costs_from_cpu_or_wall_time():
+    steps = _steps(np.random.default_rng(0))
+    base = CostProfile("grid", "calibrated", PrefillCost(1.0), (DecodePiece(1 << 30, 1.0),), links={})
+    prof = fit_steps(steps, base, "u")
+    assert prof.fit["prefill"]["fit_points"] == 40 and prof.fit["decode"]["fit_points"] == 60
+    assert prof.name == "grid:engine-steps" and prof.fit["method"] == "engine steps (u)"
+    for n in ([100], [700, 300], [1400]):
+        assert prof.prefill_s(n) == pytest.approx(TRUE.prefill_s(n), rel=0.02)
+    for b, ctx in ((1, 200), (8, 4000), (20, 20000)):
+        assert prof.decode_step_s(b, ctx) == pytest.approx(TRUE.decode_step_s(b, ctx), rel=0.02)
+    wall = fit_steps(steps, base, "wall")  # the traces' t1 - t0 are 1.1x the CPU time
+    assert wall.prefill_s([500]) == pytest.approx(1.1 * TRUE.prefill_s([500]), rel=0.02)
+
+
+def test_fit_steps_needs_enough_steps_of_each_kind():
+    steps = _steps(np.random.default_rng(1), n_pre=MIN_STEPS - 1)
+    assert fit_steps(steps, TRUE) is None
+
+
+def test_calibration_workload_is_seeded_and_spans_the_context():
+    spec = PRESETS["tiny"]
+    a = calibration_workload(spec, TRUE, instances=2, duration_s=30, seed=3)
+    assert a.requests == calibration_workload(spec, TRUE, instances=2, duration_s=30, seed=3).requests
+    assert a.requests != calibration_workload(spec, TRUE, instances=2, duration_s=30, seed=4).requests
+    prompts = np.array([r.prompt_tokens for r in a])
+    assert prompts.min() >= 16 and prompts.max() <= min(2048, spec.max_context_tokens // 2)
+    assert prompts.max() > 8 * prompts.min()  # log-uniform: short and long prompts both
+    assert a.duration_s == pytest.approx(30, rel=0.3)
+    # twice the instances: twice the rate
+    assert calibration_workload(spec, TRUE, instances=4, duration_s=30, seed=3).rate_rps == \
+        pytest.approx(2 * a.rate_rps, rel=0.3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_short_real_serving_calibration(tiny_model_dir):
+    from calibrate.serving import calibrate_serving
+
+    base = CostProfile("grid", "calibrated", PrefillCost(0.01, 8e-5), (DecodePiece(1 << 30, 0.008, 1e-4, 1e-6),))
+    prof, info = calibrate_serving(tiny_model_dir, PRESETS["tiny"], base, duration_s=6.0, seed=0)
+    assert info["failed"] == 0 and info["requests"] >= 40 and info["t_end"] > info["t_start"]
+    assert prof.fit["method"] == "engine steps (u)" and prof.fit["prefill"]["fit_points"] >= MIN_STEPS
+    from calibrate.report import show
+
+    rows = show(prof)  # `disagg calibrate show` and the dashboard read it like a grid profile
+    assert rows[0]["points"] == f"{prof.fit['prefill']['fit_points']}/0" and rows[0]["cv_mape"] > 0
+    assert prof.meta["serving_calibration"]["requests"] == info["requests"]
+    # the tiny model on any CPU: a prefill of 500 tokens costs more than one of 50, and more than a decode step
+    assert prof.prefill_s([500]) > prof.prefill_s([50]) > 0
+    assert 0 < prof.decode_step_s(1, 100) < prof.prefill_s([500])
