@@ -74,7 +74,8 @@ def run(
                                 "stats from one eager vLLM server, .venv-vllm)."),
     serving_s: float = typer.Option(0.0, "--serving-s", help="Then serve a calibration workload on the engine for "
                                     "this many seconds and fit its own steps instead (calibrate.serving; CPU; 0: "
-                                    "off). The grid fit stays in the profile's fit.base."),
+                                    "off). The grid fit stays in the profile's fit.base; the traced steps go to "
+                                    "NAME.serving-steps/."),
 ) -> None:
     """Measure prefill/decode step times and KV-transfer bandwidth on this machine and fit a cost profile."""
     from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -141,11 +142,13 @@ def _serve_and_refit(model: str, dtype: str, grid, serving_s: float, seed: int, 
     spec = get_model(model) if model.lower() == "tiny" else from_hf_config(folder)
     try:
         with console.status(f"serving calibration ({serving_s:g} s of load) ...") as status:
-            prof, info = calibrate_serving(folder, spec, grid, serving_s, seed, dtype=dtype,
+            steps_dir = out.with_name(out.stem + ".serving-steps")  # every traced step kept, as JSON lines
+            prof, info = calibrate_serving(folder, spec, grid, serving_s, seed, dtype=dtype, trace_dir=steps_dir,
                                            progress=lambda msg: status.update(msg))
     except (CalibrationError, ClusterError) as e:
         _fail(str(e))
     prof.save(out)
+    console.print(f"serving calibration steps: {steps_dir}/")
     _print_rows(show(prof)[:2], f"{prof.name}: {info['requests']} requests at {info['rate_rps']:.2f} req/s, "
                 f"{info['duration_s']:.0f} s (cross-validated MAPE over the engine's steps)")
 

@@ -7,7 +7,9 @@ within the machine's noise. Measured parts of it, each in one process on one cor
 costs 4-9 % more than one right after another prefill, one after 0.3 s idle 5-35 % more, and a fresh process runs
 the same prefill 1.1-1.2x slower than the calibration's fit at the same host speed (`calibrate.host_speed`); the
 prefill worker's steps also wait for their core ~13 % of their CPU time (its KV sender thread, the router). So
-the serving calibration measures steps where they run.
+the serving calibration measures steps where they run. It also measures the worker's loop between steps (sampling,
+bookkeeping, messages to the router: 0.38-0.54 ms mean per step in two runs, ~5 % of a decode step), which no
+step timer sees, and adds it to every step (`loop_overhead_s`).
 
 How: start the engine colocated with one worker per CPU (pinned, ``Cluster(pin_cores=True)``), replay a synthetic
 workload with step tracing on (`engine.step_trace`), and fit the traced steps with the grid calibration's formulas
@@ -27,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,7 @@ from sim.request import RequestSpec, Workload
 UTILIZATION = 0.5
 MIN_REQUESTS = 40
 MIN_STEPS = 8
+BUSY_GAP_S = 0.002  # a gap between two steps of a worker shorter than this: the worker was busy, not waiting for work
 _SEED_OFFSET = 1_000_003  # calibration prompts never coincide with a validation workload's of the same seed
 
 
@@ -77,6 +81,19 @@ def fit_steps(steps: list[dict], base: CostProfile, time_key: str = "u", name: s
            "decode": {"fit_points": len(dec), "heldout_points": 0, "cv_mape": df.cv_mape, "pieces": len(df.pieces)},
            "links": base.fit.get("links", {}), "base": {k: v for k, v in base.fit.items() if k != "links"}}
     return replace(base, name=name or f"{base.name}:engine-steps", prefill=pf.cost, decode=df.pieces, fit=fit)
+
+
+def loop_overhead_s(steps: list[dict], busy_gap_s: float = BUSY_GAP_S) -> float:
+    """Mean time a busy worker spends between the end of one model step and the start of its next (sampling,
+    bookkeeping, messages to the router): gaps under ``busy_gap_s`` only, so idle waits do not count. 0 without any."""
+    gaps = []
+    by_worker: dict[str, list[dict]] = {}
+    for st in steps:
+        by_worker.setdefault(st["w"], []).append(st)
+    for ss in by_worker.values():
+        ss.sort(key=lambda st: st["t0"])
+        gaps += [b["t0"] - a["t1"] for a, b in pairwise(ss) if 0 <= b["t0"] - a["t1"] < busy_gap_s]
+    return float(np.mean(gaps)) if gaps else 0.0
 
 
 def calibration_workload(spec: ModelSpec, base: CostProfile, instances: int, duration_s: float, seed: int) -> Workload:
@@ -139,6 +156,9 @@ def calibrate_serving(model_dir: str | Path, spec: ModelSpec, base: CostProfile,
                                f"({failed} of {len(w)} requests failed); raise the duration")
     info = {"t_start": t_start, "t_end": t_end, "requests": len(w), "rate_rps": w.rate_rps, "failed": failed,
             "workers": n_inst, "duration_s": round(t_end - t_start, 2)}
-    prof = replace(prof, meta={**base.meta, "serving_calibration": {k: v for k, v in info.items()
-                                                                    if not k.startswith("t_")}})
+    loop = loop_overhead_s(steps)
+    prof = replace(prof, prefill=replace(prof.prefill, a_s=prof.prefill.a_s + loop),
+                   decode=tuple(replace(p, a_s=p.a_s + loop) for p in prof.decode),
+                   fit={**prof.fit, "loop_overhead_s": loop},
+                   meta={**base.meta, "serving_calibration": {k: v for k, v in info.items() if not k.startswith("t_")}})
     return prof, info

@@ -94,6 +94,20 @@ def test_cli_run_end_to_end(tmp_path):
     assert "decode KV read" in r.output and CostProfile.load(out).links == {}
 
 
+@pytest.mark.slow
+def test_cli_run_with_a_serving_calibration(tmp_path):
+    out = tmp_path / "s.json"
+    r = CliRunner().invoke(app, ["calibrate", "run", "--budget-s", "15", "--transport", "shm", "--serving-s", "5",
+                                 "--out", str(out)], env={"COLUMNS": "160"})
+    assert r.exit_code == 0, r.output
+    prof = CostProfile.load(out)
+    assert prof.name.endswith(":serving") and prof.fit["method"] == "engine steps (u)"
+    assert "shm" in prof.links and prof.fit["links"]["shm"]["sizes"]  # the grid run's measured transport is kept
+    assert prof.fit["base"]["prefill"]["heldout_points"] > 0  # and its fit figures
+    steps = list((tmp_path / "s.serving-steps").glob("*.jsonl"))
+    assert {p.stem for p in steps} == {f"C{i}" for i in range(len(steps))} and steps[0].stat().st_size > 0
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"device": "tpu"}, "unknown device"),
     ({"device": "cuda"}, "use --device cpu"),

@@ -79,3 +79,16 @@ def test_a_short_real_serving_calibration(tiny_model_dir):
     # the tiny model on any CPU: a prefill of 500 tokens costs more than one of 50, and more than a decode step
     assert prof.prefill_s([500]) > prof.prefill_s([50]) > 0
     assert 0 < prof.decode_step_s(1, 100) < prof.prefill_s([500])
+
+
+def test_loop_overhead_is_the_mean_busy_gap_between_steps():
+    from calibrate.serving import loop_overhead_s
+
+    def st(w, t0, t1):
+        return {"w": w, "k": "decode", "t0": t0, "t1": t1, "n": [1], "c": [10], "u": t1 - t0}
+
+    steps = [st("C0", 0.0, 0.010), st("C0", 0.0104, 0.020), st("C0", 0.0206, 0.030),  # gaps 0.4 and 0.6 ms
+             st("C0", 0.5, 0.51),  # after 470 ms idle: not loop overhead
+             st("C1", 0.0, 0.01), st("C1", 0.0105, 0.02)]  # 0.5 ms; workers are not mixed up
+    assert loop_overhead_s(steps) == pytest.approx(0.0005)
+    assert loop_overhead_s(steps[:1]) == 0.0

@@ -98,7 +98,7 @@ def test_short_validate_run_end_to_end(tmp_path):
 
     out = tmp_path / "v"
     res = CliRunner().invoke(app, ["validate", "--topologies", "1P1D", "--loads", "0.5", "--num-requests", "12",
-                                   "--burst", "8", "--budget-s", "25", "--serving-s", "6", "--max-error", "100",
+                                   "--burst", "8", "--budget-s", "25", "--serving-s", "6", "--host-speed", "--max-error", "100",
                                    "--out", str(out)])
     assert res.exit_code == 0, res.output
     s = json.loads((out / "summary.json").read_text())

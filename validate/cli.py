@@ -23,10 +23,11 @@ def register(app: typer.Typer) -> None:
         burst: int = typer.Option(32, help="Requests in each capacity ramp."),
         host_contention: bool = typer.Option(True, help="Model the workers sharing this host's CPU cores, with the "
                                              "background CPU measured during each run."),
-        host_speed: bool = typer.Option(True, help="Measure each CPU's speed during the runs with a sensor "
+        host_speed: bool = typer.Option(False, help="Measure each CPU's speed during the runs with a sensor "
                                         "process per core (calibrate.host_speed), pin the workers, and simulate "
                                         "each instance at its core's speed relative to the calibration's "
-                                        "(built-in backend)."),
+                                        "(built-in backend; experimental: its sensors also read the run's own "
+                                        "load, see README)."),
         calibration: str = typer.Option("serving", help="Without --profile: 'grid' times each shape in one "
                                         "process; 'serving' also fits the engine's own steps while it serves a "
                                         "calibration workload (calibrate.serving)."),

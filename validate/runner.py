@@ -194,7 +194,7 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
              workload: str = "azure-conv", num_requests: int = 100, profile: str | Path | None = None,
              calibrate_budget_s: float = 60.0, repeat: int = 1, seed: int = 0, transport: str = "shm",
              length_scale: float | None = None, burst: int = 32, capacity_rps: dict[str, float] | None = None,
-             host_contention: bool = True, host_speed: bool = True, calibration: str = "serving",
+             host_contention: bool = True, host_speed: bool = False, calibration: str = "serving",
              serving_s: float = 45.0, progress: Progress | None = None) -> ValidationReport:
     """Run the measure -> simulate -> compare loop (module docstring). ``capacity_rps`` skips the ramp for the
     topologies it names. ``host_contention``: simulate the workers sharing this host's cores with the background CPU
