@@ -4,7 +4,9 @@ the same requests, and measure the simulator's error (`validate.compare`).
 Same-run discipline: calibration, the real runs and the simulations happen in one invocation, so the machine's noise
 level is shared. The simulation replays the real run's requests with the arrival times the router stamped (same ids,
 lengths, arrivals), on the same `Topology` (the engine and the simulator read the same pool settings), with the
-calibrated profile and its measured transport ("shm") as the link.
+calibrated profile and its measured transport ("shm") as the link. By default the profile's step costs come from a
+serving calibration (`calibrate.serving`: the engine's own steps under a calibration workload of its own, seeded
+apart from the validation workload), its links from the grid calibration run just before.
 """
 
 from __future__ import annotations
