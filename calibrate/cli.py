@@ -143,8 +143,9 @@ def _serve_and_refit(model: str, dtype: str, grid, serving_s: float, seed: int, 
     try:
         with console.status(f"serving calibration ({serving_s:g} s of load) ...") as status:
             steps_dir = out.with_name(out.stem + ".serving-steps")  # every traced step kept, as JSON lines
-            prof, info = calibrate_serving(folder, spec, grid, serving_s, seed, dtype=dtype, trace_dir=steps_dir,
-                                           progress=lambda msg: status.update(msg))
+            profs, info = calibrate_serving(folder, spec, grid, serving_s, seed, dtype=dtype, trace_dir=steps_dir,
+                                            progress=lambda msg: status.update(msg))
+            prof = profs["colocated"]
     except (CalibrationError, ClusterError) as e:
         _fail(str(e))
     prof.save(out)

@@ -52,35 +52,41 @@ def read_steps(trace_dir: str | Path) -> list[dict]:
     return [json.loads(line) for f in sorted(Path(trace_dir).glob("*.jsonl")) for line in f.read_text().splitlines()]
 
 
-def fit_steps(steps: list[dict], base: CostProfile, time_key: str = "u", name: str = "") -> CostProfile | None:
-    """``base`` with its prefill and decode formulas fitted to traced steps (``time_key``: ``"u"`` model-thread CPU
-    seconds, or ``"wall"`` for ``t1 - t0``). None when there are fewer than `MIN_STEPS` steps of a kind. ``fit``
-    has the grid calibration's layout (``prefill`` / ``decode``: step counts as fit points and the cross-validated
-    MAPE; there are no held-out shapes; ``links`` kept) with ``base``'s own fit figures under ``base``."""
+def fit_steps(steps: list[dict], base: CostProfile, time_key: str = "u", name: str = "",
+              kinds: tuple[str, ...] = ("prefill", "decode")) -> CostProfile | None:
+    """``base`` with the formulas of ``kinds`` fitted to traced steps (``time_key``: ``"u"`` model-thread CPU seconds,
+    or ``"wall"`` for ``t1 - t0``); the other kind keeps ``base``'s. None when a kind in ``kinds`` has fewer than
+    `MIN_STEPS` steps. ``fit`` has the grid calibration's layout (``prefill`` / ``decode``: step counts as fit points
+    and the cross-validated MAPE; there are no held-out shapes; ``links`` kept) with ``base``'s under ``base``."""
 
     def seconds(st: dict) -> float:
         return st["t1"] - st["t0"] if time_key == "wall" else st[time_key]
 
     pre = [st for st in steps if st["k"] == "prefill" and seconds(st) > 0]
     dec = [st for st in steps if st["k"] == "decode" and seconds(st) > 0]
-    if len(pre) < MIN_STEPS or len(dec) < MIN_STEPS:
+    if ("prefill" in kinds and len(pre) < MIN_STEPS) or ("decode" in kinds and len(dec) < MIN_STEPS):
         return None
-    pf = fit_prefill(np.array([len(st["n"]) for st in pre]), np.array([sum(st["n"]) for st in pre], float),
-                     np.array([sum((c + n) ** 2 - c * c for n, c in zip(st["n"], st["c"], strict=True)) for st in pre],
-                              float),
-                     np.array([seconds(st) for st in pre]))
+    fit: dict = {"method": f"engine steps ({time_key})", "links": base.fit.get("links", {}),
+                 "base": {k: v for k, v in base.fit.items() if k != "links"}}
+    prof = replace(base, name=name or f"{base.name}:engine-steps")
+    if "prefill" in kinds:
+        pf = fit_prefill(np.array([len(st["n"]) for st in pre]), np.array([sum(st["n"]) for st in pre], float),
+                         np.array([sum((c + n) ** 2 - c * c for n, c in zip(st["n"], st["c"], strict=True))
+                                   for st in pre], float),
+                         np.array([seconds(st) for st in pre]))
+        prof = replace(prof, prefill=pf.cost)
+        fit["prefill"] = {"fit_points": len(pre), "heldout_points": 0, "cv_mape": pf.cv_mape}
 
     def term(st: dict) -> float:
         ctx = [c + 1 for c in st["c"]]
         return float(sum(ctx) if base.decode_context == "sum" else len(ctx) * max(ctx))
 
-    df = fit_decode(np.array([len(st["c"]) for st in dec]), np.array([term(st) for st in dec]),
-                    np.array([seconds(st) for st in dec]))
-    fit = {"method": f"engine steps ({time_key})",
-           "prefill": {"fit_points": len(pre), "heldout_points": 0, "cv_mape": pf.cv_mape},
-           "decode": {"fit_points": len(dec), "heldout_points": 0, "cv_mape": df.cv_mape, "pieces": len(df.pieces)},
-           "links": base.fit.get("links", {}), "base": {k: v for k, v in base.fit.items() if k != "links"}}
-    return replace(base, name=name or f"{base.name}:engine-steps", prefill=pf.cost, decode=df.pieces, fit=fit)
+    if "decode" in kinds:
+        df = fit_decode(np.array([len(st["c"]) for st in dec]), np.array([term(st) for st in dec]),
+                        np.array([seconds(st) for st in dec]))
+        prof = replace(prof, decode=df.pieces)
+        fit["decode"] = {"fit_points": len(dec), "heldout_points": 0, "cv_mape": df.cv_mape, "pieces": len(df.pieces)}
+    return replace(prof, fit=fit)
 
 
 def loop_overhead_s(steps: list[dict], busy_gap_s: float = BUSY_GAP_S) -> float:
@@ -118,20 +124,31 @@ def calibration_workload(spec: ModelSpec, base: CostProfile, instances: int, dur
 
 def calibrate_serving(model_dir: str | Path, spec: ModelSpec, base: CostProfile, duration_s: float = 45.0,
                       seed: int = 0, transport: str = "shm", cpus: int | None = None, dtype: str = "bf16",
-                      trace_dir: str | Path | None = None,
-                      progress: Callable[[str], None] | None = None) -> tuple[CostProfile, dict]:
-    """(profile fitted to the engine's steps, run info: monotonic ``t_start`` / ``t_end`` of the load, requests,
-    rate, failed requests). ``trace_dir`` keeps the step traces there (default: a temporary folder). See the module
-    docstring. Raises `CalibrationError` if the run yields too few steps."""
+                      trace_dir: str | Path | None = None, disaggregated: bool = False,
+                      progress: Callable[[str], None] | None = None) -> tuple[dict[str, CostProfile], dict]:
+    """({role: profile fitted to the engine's steps}, run info: monotonic ``t_start`` / ``t_end`` of the load,
+    requests, rate, failed requests). Colocated (default): one worker per CPU, role ``"colocated"``, both formulas
+    fitted. ``disaggregated``: half the CPUs prefill, half decode (at least one each); role ``"prefill"`` gets the
+    prefill workers' prefill formula and role ``"decode"`` the decode workers' decode formula, the other formula
+    from ``base``. Each role's loop overhead (`loop_overhead_s`) comes from its own workers. ``trace_dir`` keeps the
+    step traces there (default: a temporary folder). Raises `CalibrationError` if the run yields too few steps."""
     from engine.cluster import DEFAULT_KV_TOKENS, Cluster
     from engine.loadgen import run_load
     from engine.step_trace import TRACE_ENV
     from sim.topology import Topology
 
     say = progress or (lambda msg: None)
-    n_inst = cpus or len(os.sched_getaffinity(0))
-    w = calibration_workload(spec, base, n_inst, duration_s, seed)
-    say(f"serving calibration: {len(w)} requests at {w.rate_rps:.2f} req/s on {n_inst} colocated workers")
+    n_cpu = cpus or len(os.sched_getaffinity(0))
+    if disaggregated:
+        n_p = max(1, n_cpu // 2)
+        topo = Topology.disaggregated(n_p, max(1, n_cpu - n_p), kv_capacity_tokens=DEFAULT_KV_TOKENS, link=transport)
+        roles = {"prefill": ("P", ("prefill",)), "decode": ("D", ("decode",))}
+        w = calibration_workload(spec, base, n_p, duration_s, seed)
+    else:
+        topo = Topology.colocated(n_cpu, kv_capacity_tokens=DEFAULT_KV_TOKENS)
+        roles = {"colocated": ("C", ("prefill", "decode"))}
+        w = calibration_workload(spec, base, n_cpu, duration_s, seed)
+    say(f"serving calibration ({topo.label}): {len(w)} requests at {w.rate_rps:.2f} req/s")
     old = os.environ.get(TRACE_ENV)
     with tempfile.TemporaryDirectory(prefix="disagg-serving-cal-") as tmp:
         trace_dir = Path(trace_dir or tmp)
@@ -139,7 +156,6 @@ def calibrate_serving(model_dir: str | Path, spec: ModelSpec, base: CostProfile,
             old_trace.unlink()
         os.environ[TRACE_ENV] = str(trace_dir)
         try:
-            topo = Topology.colocated(n_inst, kv_capacity_tokens=DEFAULT_KV_TOKENS)
             with Cluster(model_dir, topo, transport=transport, seed=seed, pin_cores=True, dtype=dtype) as c:
                 t_start = time.monotonic()
                 table = run_load(c.url, w, seed=seed + _SEED_OFFSET)
@@ -150,15 +166,21 @@ def calibrate_serving(model_dir: str | Path, spec: ModelSpec, base: CostProfile,
                 os.environ[TRACE_ENV] = old
         steps = read_steps(trace_dir)
     failed = int(sum(s != "ok" for s in table.column("status").to_pylist()))
-    prof = fit_steps(steps, base, "u", name=f"{base.name}:serving")
-    if prof is None:
-        raise CalibrationError(f"serving calibration: {len(steps)} traced steps are too few to fit "
-                               f"({failed} of {len(w)} requests failed); raise the duration")
-    info = {"t_start": t_start, "t_end": t_end, "requests": len(w), "rate_rps": w.rate_rps, "failed": failed,
-            "workers": n_inst, "duration_s": round(t_end - t_start, 2)}
-    loop = loop_overhead_s(steps)
-    prof = replace(prof, prefill=replace(prof.prefill, a_s=prof.prefill.a_s + loop),
-                   decode=tuple(replace(p, a_s=p.a_s + loop) for p in prof.decode),
-                   fit={**prof.fit, "loop_overhead_s": loop},
-                   meta={**base.meta, "serving_calibration": {k: v for k, v in info.items() if not k.startswith("t_")}})
-    return prof, info
+    info = {"t_start": t_start, "t_end": t_end, "topology": topo.label, "requests": len(w), "rate_rps": w.rate_rps,
+            "failed": failed, "duration_s": round(t_end - t_start, 2)}
+    out = {}
+    for role, (prefix, kinds) in roles.items():
+        mine = [st for st in steps if st["w"].startswith(prefix)]
+        prof = fit_steps(mine, base, "u", name=f"{base.name}:serving-{role}", kinds=kinds)
+        if prof is None:
+            raise CalibrationError(f"serving calibration ({topo.label}): the {role} workers' {len(mine)} traced steps "
+                                   f"are too few to fit ({failed} of {len(w)} requests failed); raise the duration")
+        loop = loop_overhead_s(mine)
+        if "prefill" in kinds:
+            prof = replace(prof, prefill=replace(prof.prefill, a_s=prof.prefill.a_s + loop))
+        if "decode" in kinds:
+            prof = replace(prof, decode=tuple(replace(p, a_s=p.a_s + loop) for p in prof.decode))
+        out[role] = replace(prof, fit={**prof.fit, "loop_overhead_s": loop},
+                            meta={**base.meta, "serving_calibration": {k: v for k, v in info.items()
+                                                                       if not k.startswith("t_")}})
+    return out, info

@@ -68,7 +68,8 @@ def test_a_short_real_serving_calibration(tiny_model_dir):
     from calibrate.serving import calibrate_serving
 
     base = CostProfile("grid", "calibrated", PrefillCost(0.01, 8e-5), (DecodePiece(1 << 30, 0.008, 1e-4, 1e-6),))
-    prof, info = calibrate_serving(tiny_model_dir, PRESETS["tiny"], base, duration_s=6.0, seed=0)
+    profs, info = calibrate_serving(tiny_model_dir, PRESETS["tiny"], base, duration_s=6.0, seed=0)
+    prof = profs["colocated"]
     assert info["failed"] == 0 and info["requests"] >= 40 and info["t_end"] > info["t_start"]
     assert prof.fit["method"] == "engine steps (u)" and prof.fit["prefill"]["fit_points"] >= MIN_STEPS
     from calibrate.report import show
@@ -92,3 +93,17 @@ def test_loop_overhead_is_the_mean_busy_gap_between_steps():
              st("C1", 0.0, 0.01), st("C1", 0.0105, 0.02)]  # 0.5 ms; workers are not mixed up
     assert loop_overhead_s(steps) == pytest.approx(0.0005)
     assert loop_overhead_s(steps[:1]) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_short_real_disaggregated_serving_calibration_fits_each_role(tiny_model_dir):
+    from calibrate.serving import calibrate_serving
+
+    base = CostProfile("grid", "calibrated", PrefillCost(0.01, 8e-5), (DecodePiece(1 << 30, 0.008, 1e-4, 1e-6),))
+    profs, info = calibrate_serving(tiny_model_dir, PRESETS["tiny"], base, duration_s=6.0, seed=0, disaggregated=True)
+    assert set(profs) == {"prefill", "decode"} and info["topology"] == "1P1D" and info["failed"] == 0
+    pre, dec = profs["prefill"], profs["decode"]
+    assert "prefill" in pre.fit and "decode" not in pre.fit and pre.decode == base.decode  # P0 runs no decode steps
+    assert "decode" in dec.fit and "prefill" not in dec.fit and dec.prefill == base.prefill
+    assert pre.prefill != base.prefill and dec.decode != base.decode

@@ -118,6 +118,8 @@ def test_short_validate_run_end_to_end(tmp_path):
 
     prof = CostProfile.load(out / "profile.json")
     assert prof.fit["method"] == "engine steps (u)" and prof.meta["host_speed_reference"]["samples"] >= 3
+    for role in ("prefill", "decode"):  # the 1P1D pools' own serving calibration
+        assert role in CostProfile.load(out / f"profile_{role}.json").fit
     from validate.report import load_report
 
     summary, joined = load_report(out)

@@ -1,6 +1,7 @@
 """Validation report files: ``joined.parquet`` (every request of every run, real_ and sim_ columns side by side),
 ``summary.json`` (configuration, capacities, per-run errors, the real runs' own spread, pass/fail), PNG plots (CDF
-overlays of sim vs real per run, error vs load), and a rich table on screen. `load_report` reads them back."""
+overlays of sim vs real per run, error vs load), ``profile.json`` (and ``profile_prefill.json`` /
+``profile_decode.json`` when calibrated per role), and a rich table on screen. `load_report` reads them back."""
 
 from __future__ import annotations
 
@@ -128,6 +129,9 @@ def write(report: ValidationReport, out: str | Path, max_error: float = 0.10) ->
     s["plots"] = [p.name for p in _plots(report, d)] if report.runs else []
     (d / "summary.json").write_text(json.dumps(s, indent=2, default=_num) + "\n")
     report.profile.save(d / "profile.json")
+    for role, prof in report.role_profiles.items():  # per-role serving calibration: the disaggregated pools' own
+        if prof is not report.profile:
+            prof.save(d / f"profile_{role}.json")
     return s
 
 

@@ -86,6 +86,7 @@ class ValidationReport:
     capacity_rps: dict[str, float]
     runs: list[RunResult] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    role_profiles: dict[str, CostProfile] = field(default_factory=dict)  # per pool role, when calibrated per role
 
 
 def _host_busy_s() -> float:
@@ -144,8 +145,19 @@ def trace_profile(trace_dir: Path, base: CostProfile) -> CostProfile | None:
     return fit_steps(read_steps(trace_dir), base, "wall", name=f"{base.name}:engine-trace")
 
 
-def service_error(trace_dir: Path, profile: CostProfile, speed: Mapping[str, SpeedTrace] | None = None,
-                  t_origin: float = 0.0) -> dict:
+def _for_worker(profile: CostProfile | Mapping[str, CostProfile], worker: str) -> CostProfile:
+    """The profile of ``worker``'s role (``P0`` prefill, ``D0`` decode, ``C0`` colocated; `sim.simulator`'s fallbacks)."""
+    if isinstance(profile, CostProfile):
+        return profile
+    role = {"P": "prefill", "D": "decode"}.get(worker[:1], "colocated")
+    for key in (role, "decode" if role == "colocated" else "", "colocated", "default"):
+        if key in profile:
+            return profile[key]
+    raise ValueError(f"no cost profile for worker {worker} (have {sorted(profile)})")
+
+
+def service_error(trace_dir: Path, profile: CostProfile | Mapping[str, CostProfile],
+                  speed: Mapping[str, SpeedTrace] | None = None, t_origin: float = 0.0) -> dict:
     """How the engine's own model steps compare with the profile's prediction for the same shapes, per step kind:
     median and mean of (predicted - measured) / measured, and the steps' count. This separates service-time error
     (the profile under this load) from queueing and scheduling error (the simulator's model). With ``speed`` (per
@@ -156,12 +168,13 @@ def service_error(trace_dir: Path, profile: CostProfile, speed: Mapping[str, Spe
 
     for st in read_steps(trace_dir):
         measured = st["t1"] - st["t0"]
+        prof = _for_worker(profile, st["w"])
         if st["k"] == "prefill":
-            pred = profile.prefill_s(st["n"], st["c"])
+            pred = prof.prefill_s(st["n"], st["c"])
         else:
             ctx = [c + 1 for c in st["c"]]
-            term = sum(ctx) if profile.decode_context == "sum" else len(ctx) * max(ctx)
-            pred = profile.decode_step_s(len(ctx), term)
+            term = sum(ctx) if prof.decode_context == "sum" else len(ctx) * max(ctx)
+            pred = prof.decode_step_s(len(ctx), term)
         if speed and st["w"] in speed:
             pred *= speed[st["w"]].at(st["k"], st["t0"] - t_origin)[0]
         if measured > 0:
@@ -231,9 +244,9 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
 
             say("starting host-speed sensors")
             sensors = stack.enter_context(Sensors(folder, sorted(os.sched_getaffinity(0))))
-        prof, ref = _profile(profile, folder, spec, calibrate_budget_s, transport, sensors, say,
-                             calibration, serving_s, seed)
-        report = ValidationReport(prof, {}, config={
+        prof, roles, ref = _profile(profile, folder, spec, calibrate_budget_s, transport, sensors, say,
+                                    calibration, serving_s, seed)
+        report = ValidationReport(prof, {}, role_profiles=roles, config={
             "model": model, "topologies": list(topologies), "loads": list(loads), "workload": workload,
             "num_requests": num_requests, "repeat": repeat, "seed": seed, "transport": transport,
             "length_scale": length_scale, "burst": burst, "host_contention": host_contention,
@@ -252,16 +265,18 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
                 w = scaled_workload(workload, spec, num_requests, rate, seed, length_scale)
                 for k in range(repeat):
                     say(f"{label} at {load:.0%} ({rate:.2f} req/s), run {k + 1}/{repeat}: engine")
-                    report.runs.append(_measure_point(model, topo, w, transport, seed, prof, spec, sensors, ref,
-                                                      host_contention, label, load, rate, k))
+                    report.runs.append(_measure_point(model, topo, w, transport, seed, roles or prof, spec, sensors,
+                                                      ref, host_contention, label, load, rate, k))
     return report
 
 
 def _profile(profile: str | Path | None, folder: Path, spec: ModelSpec, budget_s: float, transport: str,
              sensors: object, say: Progress, calibration: str = "grid", serving_s: float = 45.0,
-             seed: int = 0) -> tuple[CostProfile, object]:
-    """(the profile, its host-speed `Reference` or None): loaded, or calibrated now (see `validate`), with the
-    sensors' reference over the calibration that produced its step costs written into its meta."""
+             seed: int = 0) -> tuple[CostProfile, dict[str, CostProfile], object]:
+    """(the profile, per-role profiles or {}, the host-speed `Reference` or None): loaded, or calibrated now (see
+    `validate`), with the sensors' reference over the calibration that produced its step costs written into its
+    meta. The serving calibration runs colocated (role ``colocated``, also the returned profile) and then
+    disaggregated (roles ``prefill`` and ``decode``: each role's steps measured where that role runs them)."""
     from calibrate.host_speed import Reference, reference
 
     if profile is not None:
@@ -279,21 +294,34 @@ def _profile(profile: str | Path | None, folder: Path, spec: ModelSpec, budget_s
         t0 = time.monotonic()
         prof = calibrate.run(model=str(folder), budget_s=budget_s, transports=[transport]).profile
         t1 = time.monotonic()
+        roles: dict[str, CostProfile] = {}
         if calibration == "serving":
             from calibrate.serving import calibrate_serving
 
-            prof, info = calibrate_serving(folder, spec, prof, serving_s, seed, transport, progress=say)
-            t0, t1 = info["t_start"], info["t_end"]
+            roles, info = calibrate_serving(folder, spec, prof, serving_s, seed, transport, progress=say)
+            prof = roles["colocated"]
+            split, info2 = calibrate_serving(folder, spec, prof, serving_s, seed, transport, disaggregated=True,
+                                             progress=say)
+            roles.update(split)
+            t0, t1 = info["t_start"], info2["t_end"]
         ref = reference(sensors.readings(t0, t1)) if sensors is not None else None  # type: ignore[attr-defined]
         if ref is not None:
-            prof = replace(prof, meta={**prof.meta, "host_speed_reference": ref.to_dict()})
+            stamp = {"host_speed_reference": ref.to_dict()}
+            prof = replace(prof, meta={**prof.meta, **stamp})
+            roles = {k: replace(v, meta={**v.meta, **stamp}) for k, v in roles.items()}
+        return _check_links(prof, transport), roles, ref
+    return _check_links(prof, transport), {}, ref
+
+
+def _check_links(prof: CostProfile, transport: str) -> CostProfile:
     if transport not in prof.links:
         raise ValidateError(f"the profile has no measured {transport!r} transport (has {sorted(prof.links)}); "
                             "recalibrate with the transport sweep")
-    return prof, ref
+    return prof
 
 
-def _measure_point(model: str, topo: Topology, w: Workload, transport: str, seed: int, prof: CostProfile,
+def _measure_point(model: str, topo: Topology, w: Workload, transport: str, seed: int,
+                   prof: CostProfile | Mapping[str, CostProfile],
                    spec: ModelSpec, sensors: object, ref: object, host_contention: bool, label: str, load: float,
                    rate: float, k: int) -> RunResult:
     """One real run at one load, its simulations (with / without host speed, with the engine's own step costs) and
@@ -311,7 +339,7 @@ def _measure_point(model: str, topo: Topology, w: Workload, transport: str, seed
             speed = speed_traces(readings, host["worker_cpus"], ref, t_origin)  # type: ignore[arg-type]
         service = service_error(Path(trace_dir), prof)
         service_speed = service_error(Path(trace_dir), prof, speed, t_origin) if speed else None
-        diag = trace_profile(Path(trace_dir), prof)
+        diag = trace_profile(Path(trace_dir), _for_worker(prof, "C"))
     cores = os.cpu_count() or 1
     replay = _replay(real, w)
     cpu = HostCPU(cores, host.get("background_cpu", 0.0), speed=speed) if host_contention else \
