@@ -101,7 +101,7 @@ def test_cli_run_with_a_serving_calibration(tmp_path):
                                  "--out", str(out)], env={"COLUMNS": "160"})
     assert r.exit_code == 0, r.output
     prof = CostProfile.load(out)
-    assert prof.name.endswith(":serving") and prof.fit["method"] == "engine steps (u)"
+    assert prof.name.endswith(":serving-colocated") and prof.fit["method"] == "engine steps (u)"
     assert "shm" in prof.links and prof.fit["links"]["shm"]["sizes"]  # the grid run's measured transport is kept
     assert prof.fit["base"]["prefill"]["heldout_points"] > 0  # and its fit figures
     steps = list((tmp_path / "s.serving-steps").glob("*.jsonl"))
