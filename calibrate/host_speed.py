@@ -18,6 +18,12 @@ slowdown factors over time, and `speed_traces` turns them into a `sim.topology.S
 (workers pinned with ``Cluster(pin_cores=True)``). Cost: about 4 % of each core at the default period on the tiny
 model (~40 ms of probes every second), counted in the background CPU the contention model sees.
 
+Limitation (measured, why `disagg validate` makes this opt-in): the readings also follow the run's own load on the
+cores, not only other tenants'. With the reference taken during a serving calibration (heavy load) the readings in
+lighter validation runs came out mostly lower (per-instance median factors 0.61-1.04), while the engine's steps
+were not faster by as much: the corrected step times were still too fast in all 12 runs (prefill 8-21 %, decode
+5-19 %).
+
 Files: each sensor appends JSON lines ``{"t": monotonic s, "prefill_s": s, "decode_s": s}`` (after one
 ``{"ready": true}`` line once its model is loaded and warm) to ``<dir>/cpu<N>.jsonl``.
 

@@ -3,10 +3,11 @@
 Why: the grid calibration (`calibrate.harness`) times each shape back to back in one process, the hottest a step can
 run. On the 2-core machine disagg is developed on, the engine's prefill steps under serving took 1.5-1.8x the CPU time
 that profile predicts for the same shapes (four 1P1D runs: 1.52-1.57x, pinned or not), while decode steps agreed
-within the machine's noise. Measured parts of it, each in one process on one core: a prefill right after decode steps
-costs 4-9 % more than one right after another prefill, one after 0.3 s idle 5-35 % more, and a fresh process runs
-the same prefill 1.1-1.2x slower than the calibration's fit at the same host speed (`calibrate.host_speed`); the
-prefill worker's steps also wait for their core ~13 % of their CPU time (its KV sender thread, the router). So
+within the machine's noise. Measured parts of it, each in one process on one core: a prefill of 64-512 tokens right after
+decode steps costs 4-9 % more than one right after another prefill, one after 0.3 s idle up to 35 % more, and a
+fresh process ran the same prefills back to back up to 1.23x slower than the calibration's fit at the same host
+speed (`calibrate.host_speed`); the prefill worker's steps also wait for their core ~13 % of their CPU time (its KV
+sender thread, the router). So
 the serving calibration measures steps where they run. It also measures the worker's loop between steps (sampling,
 bookkeeping, messages to the router: 0.38-0.54 ms mean per step in two runs, ~5 % of a decode step), which no
 step timer sees, and adds it to every step (`loop_overhead_s`).
