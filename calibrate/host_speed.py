@@ -228,25 +228,23 @@ def _sensor_main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     vocab = runner.cfg.vocab_size
 
-    def prefill() -> float:
-        s = Sequence(-1, [(7 * i) % vocab for i in range(PREFILL_TOKENS)])
+    def timed(seq: Sequence, step: Callable) -> float:
+        """Thread CPU seconds of ``step([seq])``; the sequence's blocks are freed after."""
         try:
             t0 = time.thread_time()
-            runner.prefill([s])
+            step([seq])
             return time.thread_time() - t0
         finally:
-            runner.free(s)
+            runner.free(seq)
+
+    def prefill() -> float:
+        return timed(Sequence(-1, [(7 * i) % vocab for i in range(PREFILL_TOKENS)]), runner.prefill)
 
     def decode() -> float:
         s = Sequence(-2, [(5 * i) % vocab for i in range(DECODE_CONTEXT)])
         s.num_cached_tokens = DECODE_CONTEXT - 1
         runner.reserve([s], [DECODE_CONTEXT])
-        try:
-            t0 = time.thread_time()
-            runner.decode([s])
-            return time.thread_time() - t0
-        finally:
-            runner.free(s)
+        return timed(s, runner.decode)
 
     def second(probe: Callable[[], float]) -> float:
         probe()
