@@ -103,22 +103,28 @@ class Sensors:
         if not period_s > 0:
             raise ValueError(f"sensor period must be > 0 s, got {period_s!r}")
         self.model_dir, self.cpus, self.period_s, self.dtype = str(model_dir), list(cpus), period_s, dtype
-        self._tmp = None if out_dir else tempfile.TemporaryDirectory(prefix="disagg-speed-")
-        self.dir = Path(out_dir or self._tmp.name)  # type: ignore[union-attr]
+        self.out_dir = Path(out_dir) if out_dir else None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.dir = self.out_dir or Path()  # set by `start` (a temporary folder without ``out_dir``)
         self.procs: dict[int, subprocess.Popen] = {}
+        self._stopped = False
 
     def __enter__(self) -> Sensors:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.cleanup()
 
     def _path(self, cpu: int) -> Path:
         return self.dir / f"cpu{cpu}.jsonl"
 
     def start(self) -> None:
+        if self.out_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="disagg-speed-")
+            self.dir = Path(self._tmp.name)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._stopped = False
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
         try:
@@ -150,6 +156,7 @@ class Sensors:
         return "\n".join(p.read_text(errors="replace").splitlines()[-15:]) if p.exists() else "(no log)"
 
     def stop(self) -> None:
+        self._stopped = True
         for p in self.procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -161,9 +168,14 @@ class Sensors:
                 p.wait()
 
     def readings(self, t_from: float = -math.inf, t_to: float = math.inf) -> Readings:
-        """Every reading so far (or between two monotonic times), per CPU. Sensors keep running."""
+        """Every reading so far (or between two monotonic times), per CPU. Sensors keep running. Raises
+        `SensorError` if a sensor has died since `start` (its CPU's speed would be unknown)."""
         out: Readings = {}
         for cpu in self.cpus:
+            p = self.procs.get(cpu)
+            if p is not None and not self._stopped and p.poll() is not None:
+                raise SensorError(f"host-speed sensor on CPU {cpu} exited with status {p.returncode} while "
+                                  f"running:\n{self._log_tail(cpu)}")
             rows = []
             path = self._path(cpu)
             for line in (path.read_text().splitlines() if path.exists() else []):
@@ -180,6 +192,7 @@ class Sensors:
         self.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
+            self._tmp = None
 
 
 def reference(readings: Readings) -> Reference:

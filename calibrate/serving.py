@@ -103,6 +103,26 @@ def loop_overhead_s(steps: list[dict], busy_gap_s: float = BUSY_GAP_S) -> float:
     return float(np.mean(gaps)) if gaps else 0.0
 
 
+def with_loop(prof: CostProfile, loop_s: float, kinds: tuple[str, ...] = ("prefill", "decode")) -> CostProfile:
+    """``prof`` with the worker loop's time between steps (`loop_overhead_s`) added to every step of ``kinds``
+    (the fixed term of each formula), recorded per kind in ``fit["loop_overhead_s"]`` (`loop_in` reads it)."""
+    if "prefill" in kinds:
+        prof = replace(prof, prefill=replace(prof.prefill, a_s=prof.prefill.a_s + loop_s))
+    if "decode" in kinds:
+        prof = replace(prof, decode=tuple(replace(p, a_s=p.a_s + loop_s) for p in prof.decode))
+    old = prof.fit.get("loop_overhead_s", {})
+    loops = dict(old) if isinstance(old, dict) else {"prefill": old, "decode": old}
+    loops.update({k: loop_s for k in kinds})
+    return replace(prof, fit={**prof.fit, "loop_overhead_s": loops})
+
+
+def loop_in(prof: CostProfile, kind: str) -> float:
+    """The loop time `with_loop` added to ``kind`` steps of ``prof`` (0 for a profile without; profiles written
+    before it was kept per kind hold one number for both)."""
+    loops = prof.fit.get("loop_overhead_s", 0.0)
+    return float(loops.get(kind, 0.0) if isinstance(loops, dict) else loops)
+
+
 def calibration_workload(spec: ModelSpec, base: CostProfile, instances: int, duration_s: float, seed: int) -> Workload:
     """The serving calibration's requests (module docstring): enough for ``duration_s`` at ~50 % of ``instances``
     colocated instances' capacity as ``base`` predicts it (a request costs its prefill plus its decode steps shared
@@ -120,7 +140,7 @@ def calibration_workload(spec: ModelSpec, base: CostProfile, instances: int, dur
     arrivals = np.concatenate([[0.0], np.cumsum(gaps[1:])])
     reqs = tuple(RequestSpec(i, float(arrivals[i]), int(prompts[i % 4096]), max(2, int(outputs[i % 4096])))
                  for i in range(n))
-    return Workload(reqs, f"serving-calibration@{rate:.2f}rps")
+    return Workload(reqs, f"serving-calibration@{rate:.2f}rps").clip_lengths(max_total_tokens=spec.max_context_tokens - 1)
 
 
 def calibrate_serving(model_dir: str | Path, spec: ModelSpec, base: CostProfile, duration_s: float = 45.0,
@@ -132,7 +152,7 @@ def calibrate_serving(model_dir: str | Path, spec: ModelSpec, base: CostProfile,
     fitted. ``disaggregated``: half the CPUs prefill, half decode (at least one each); role ``"prefill"`` gets the
     prefill workers' prefill formula and role ``"decode"`` the decode workers' decode formula, the other formula
     from ``base``. Each role's loop overhead (`loop_overhead_s`) comes from its own workers. ``trace_dir`` keeps the
-    step traces there (default: a temporary folder). Raises `CalibrationError` if the run yields too few steps."""
+    step traces there (default: a temporary folder; its ``*.jsonl`` from an earlier run are deleted first). Raises `CalibrationError` if the run yields too few steps."""
     from engine.cluster import DEFAULT_KV_TOKENS, Cluster
     from engine.loadgen import run_load
     from engine.step_trace import TRACE_ENV
@@ -166,7 +186,12 @@ def calibrate_serving(model_dir: str | Path, spec: ModelSpec, base: CostProfile,
             if old is not None:
                 os.environ[TRACE_ENV] = old
         steps = read_steps(trace_dir)
-    failed = int(sum(s != "ok" for s in table.column("status").to_pylist()))
+    status = table.column("status").to_pylist()
+    failed = int(sum(s != "ok" for s in status))
+    if failed > len(w) // 10:  # steps of a run that mostly failed describe nothing the simulator will see
+        why = next(r for s, r in zip(status, table.column("reason").to_pylist(), strict=True) if s != "ok")
+        raise CalibrationError(f"serving calibration ({topo.label}): the engine failed {failed} of {len(w)} "
+                               f"requests (first: {why or 'no reason given'})")
     info = {"t_start": t_start, "t_end": t_end, "topology": topo.label, "requests": len(w), "rate_rps": w.rate_rps,
             "failed": failed, "duration_s": round(t_end - t_start, 2)}
     out = {}
@@ -176,12 +201,7 @@ def calibrate_serving(model_dir: str | Path, spec: ModelSpec, base: CostProfile,
         if prof is None:
             raise CalibrationError(f"serving calibration ({topo.label}): the {role} workers' {len(mine)} traced steps "
                                    f"are too few to fit ({failed} of {len(w)} requests failed); raise the duration")
-        loop = loop_overhead_s(mine)
-        if "prefill" in kinds:
-            prof = replace(prof, prefill=replace(prof.prefill, a_s=prof.prefill.a_s + loop))
-        if "decode" in kinds:
-            prof = replace(prof, decode=tuple(replace(p, a_s=p.a_s + loop) for p in prof.decode))
-        out[role] = replace(prof, fit={**prof.fit, "loop_overhead_s": loop},
+        out[role] = replace(with_loop(prof, loop_overhead_s(mine), kinds),
                             meta={**base.meta, "serving_calibration": {k: v for k, v in info.items()
                                                                        if not k.startswith("t_")}})
     return out, info

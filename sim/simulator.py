@@ -65,7 +65,7 @@ class SimContext:
         """An instance starts a timed step: returns its slowdown from host CPU contention (`HostCPU`), 1 without one."""
         self.busy += 1
         host = self.host
-        if host is None:
+        if host is None or not host.contention:
             return 1.0
         return max(1.0, (self.busy + host.background_cpu) / host.cores)
 
@@ -118,7 +118,9 @@ def _cyclic_gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _profile_for(profile: CostProfile | Mapping[str, CostProfile], role: str) -> CostProfile:
+def profile_for(profile: CostProfile | Mapping[str, CostProfile], role: str) -> CostProfile:
+    """The profile a pool of ``role`` (``prefill`` / ``decode`` / ``colocated``) runs with: ``profile`` itself, or its
+    entry for the role; a colocated pool falls back to ``decode``, any pool to ``default``."""
     if isinstance(profile, CostProfile):
         return profile
     for key in (role, "decode" if role == "colocated" else "", "default"):
@@ -145,7 +147,7 @@ def simulate(topology: Topology, workload: Workload, profile: CostProfile | Mapp
     Deterministic: same inputs and seed give identical records.
     """
     started = time.perf_counter()
-    profiles = {p.role: _profile_for(profile, p.role) for p in topology.pools}
+    profiles = {p.role: profile_for(profile, p.role) for p in topology.pools}
     model = model or next((p.model for p in profiles.values() if p.model), None)
     if model is None:
         raise ValueError("simulate needs a ModelSpec: pass model= or use a profile that names its model")

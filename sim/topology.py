@@ -170,11 +170,13 @@ class HostCPU:
     ``speed`` (optional): per instance name, a `SpeedTrace` of how much slower than the profile that instance's core
     ran over time (measured by `calibrate.host_speed`); each step is stretched by the factor in force when it starts,
     and a decode segment ends at the step running when the factor changes, so the next one picks up the new factor.
+    ``contention=False`` keeps the speed traces and drops the contention model.
     """
 
     cores: int
     background_cpu: float = 0.0
     speed: Mapping[str, SpeedTrace] = field(default_factory=dict)
+    contention: bool = True
 
     def __post_init__(self) -> None:
         if self.cores < 1 or self.background_cpu < 0:

@@ -77,3 +77,15 @@ def test_real_sensors_read_every_cpu_and_stop(tiny_model_dir, tmp_path):
 def test_a_sensor_that_cannot_start_says_why(tmp_path):
     with pytest.raises(SensorError, match=r"(?s)sensor on CPU \d+ exited with status 1.*no-model"):
         Sensors(tmp_path / "no-model", [sorted(os.sched_getaffinity(0))[0]], out_dir=tmp_path / "s").start()
+
+
+def test_a_sensor_that_dies_while_running_is_an_error_not_a_silent_gap(tiny_model_dir):
+    cpus = sorted(os.sched_getaffinity(0))[:1]
+    with Sensors(tiny_model_dir, cpus, period_s=0.1, dtype="fp32") as s:
+        folder = s.dir
+        assert len(s.readings()[cpus[0]]) >= 0
+        s.procs[cpus[0]].kill()
+        s.procs[cpus[0]].wait()
+        with pytest.raises(SensorError, match=rf"sensor on CPU {cpus[0]} exited with status -9 while running"):
+            s.readings()
+    assert not folder.exists()  # its temporary folder goes with it

@@ -60,6 +60,11 @@ def test_calibration_workload_is_seeded_and_spans_the_context():
     # twice the instances: twice the rate
     assert calibration_workload(spec, TRUE, instances=4, duration_s=30, seed=3).rate_rps == \
         pytest.approx(2 * a.rate_rps, rel=0.3)
+    # a model with a short context: every request fits it (the engine would reject the rest)
+    from dataclasses import replace
+
+    short = calibration_workload(replace(spec, max_context_tokens=128), TRUE, instances=2, duration_s=30, seed=3)
+    assert max(r.prompt_tokens + r.output_tokens for r in short) <= 127
 
 
 @pytest.mark.slow
@@ -107,3 +112,25 @@ def test_a_short_real_disaggregated_serving_calibration_fits_each_role(tiny_mode
     assert "prefill" in pre.fit and "decode" not in pre.fit and pre.decode == base.decode  # P0 runs no decode steps
     assert "decode" in dec.fit and "prefill" not in dec.fit and dec.prefill == base.prefill
     assert pre.prefill != base.prefill and dec.decode != base.decode
+
+
+def test_the_diagnostic_trace_profile_adds_each_kinds_own_loop_between_steps(tmp_path):
+    """`validate.runner.trace_profile` (1P1D): wall-time fit of the run's steps plus the prefill workers' busy gap
+    on prefill steps and the decode workers' on decode steps."""
+    import json
+
+    from validate.runner import trace_profile
+
+    base = CostProfile("grid", "calibrated", PrefillCost(1.0), (DecodePiece(1 << 30, 1.0),), links={})
+    t = {"prefill": 10.0, "decode": 50.0}
+    gap = {"prefill": 0.001, "decode": 0.0004}
+    for st in _steps(np.random.default_rng(2)):
+        k, dur = st["k"], st["u"]
+        st.update(w="P0" if k == "prefill" else "D0", t0=t[k], t1=t[k] + dur)
+        t[k] += dur + gap[k]
+        with open(tmp_path / f"{st['w']}.jsonl", "a") as f:
+            f.write(json.dumps(st) + "\n")
+    prof = trace_profile(tmp_path, base)
+    assert prof.prefill_s([500]) == pytest.approx(TRUE.prefill_s([500]) + 0.001, rel=0.003)
+    assert prof.decode_step_s(8, 4000) == pytest.approx(TRUE.decode_step_s(8, 4000) + 0.0004, rel=0.003)
+    assert trace_profile(tmp_path / "none", base) is None  # no steps: nothing to fit

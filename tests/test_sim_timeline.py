@@ -185,6 +185,9 @@ def test_host_cpu_contention_stretches_overlapping_steps():
     loaded = simulate(topo, w, PROFILE, model=TINY, host=HostCPU(cores=2, background_cpu=1.0)).records.to_pylist()
     # the first to start sees 1 busy + 1 background = 2 cores' worth (no slowdown), the second 2 + 1 over 2 cores
     assert sorted(r["finished_s"] for r in loaded) == [approx(1.0), approx(1.5)]
+    # contention off (speed traces only): no stretch whatever the load
+    off = simulate(topo, w, PROFILE, model=TINY, host=HostCPU(cores=1, background_cpu=1.0, contention=False))
+    assert [r["finished_s"] for r in off.records.to_pylist()] == [1.0, 1.0]
 
 
 def test_speed_trace_lookup_and_validation():

@@ -74,13 +74,25 @@ def test_parse_topology_rejects(label):
 
 
 @pytest.mark.parametrize("kw,msg", [({"calibration": "fast"}, "--calibration must be serving or grid"),
-                                    ({"serving_s": 0}, "--serving-s must be > 0"),
+                                    ({"serving_s": 0}, "--serving-s must be a positive number"),
+                                    ({"serving_s": math.inf}, "--serving-s must be a positive number"),
+                                    ({"burst": 1}, "--burst must be >= 2"),
+                                    ({"length_scale": 0.0}, "--length-scale must be a positive number"),
+                                    ({"length_scale": -1.0}, "--length-scale must be a positive number"),
+                                    ({"capacity_rps": {"2C": 0.0}}, r"capacity_rps\['2C'\] must be a positive"),
                                     ({"loads": (0.5, 3.0)}, "--loads must be fractions")])
 def test_validate_rejects_bad_options_before_running_anything(kw, msg):
     from validate.runner import validate
 
     with pytest.raises(ValidateError, match=msg):
         validate(**kw)
+
+
+def test_scaled_workload_names_the_option_that_asked_for_too_many_requests():
+    with pytest.raises(ValidateError, match="--burst 999999: the trace has only"):
+        scaled_workload("azure-conv", PRESETS["tiny"], 999_999, rate_rps=1.0, seed=0, option="--burst")
+    with pytest.raises(ValidateError, match="request rate must be a positive number"):
+        scaled_workload("azure-conv", PRESETS["tiny"], 10, rate_rps=0.0, seed=0)
 
 
 def test_scaled_workload_fits_context_and_is_seeded():
@@ -124,3 +136,55 @@ def test_short_validate_run_end_to_end(tmp_path):
 
     summary, joined = load_report(out)
     assert joined.num_rows == 12 and summary["passed"]
+
+
+def test_service_error_compares_cpu_time_with_the_profile_less_its_loop(tmp_path):
+    """Step error: model-thread CPU time (``u``) against the profile's step time without the loop it carries
+    (a core wait, ``t1 - t0 - u``, is the contention model's); ``total`` is the error of the summed times."""
+    from calibrate.serving import with_loop
+    from sim.cost_profile import CostProfile, DecodePiece, PrefillCost
+    from sim.topology import SpeedTrace
+    from validate.runner import service_error
+
+    prof = with_loop(CostProfile("p", "constant", PrefillCost(0.010), (DecodePiece(1 << 30, 0.004),)), 0.001)
+    steps = [{"w": "C0", "k": "prefill", "t0": 1.0, "t1": 1.5, "n": [10], "c": [0], "u": 0.008},  # -> +25 %
+             {"w": "C0", "k": "prefill", "t0": 2.0, "t1": 2.5, "n": [10], "c": [0], "u": 0.012},  # -> -16.7 %
+             {"w": "C0", "k": "decode", "t0": 3.0, "t1": 3.1, "n": [1], "c": [5], "u": 0.005}]  # -> -20 %
+    (tmp_path / "C0.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    e = service_error(tmp_path, prof)
+    assert e["prefill"]["steps"] == 2 and e["prefill"]["mean"] == pytest.approx((0.25 - 1 / 6) / 2)
+    assert e["prefill"]["total"] == pytest.approx(0.0) and e["decode"]["median"] == pytest.approx(-0.2)
+    # a core running at half speed from t = 2.5 s (relative to t_origin 0.5): the decode step's prediction doubles
+    slow = {"C0": SpeedTrace((0.0, 2.5), (1.0, 1.0), (1.0, 2.0))}
+    assert service_error(tmp_path, prof, slow, t_origin=0.5)["decode"]["median"] == pytest.approx(0.6)
+
+
+def test_validate_refuses_a_profile_of_another_model(tmp_path):
+    from dataclasses import replace
+
+    from sim.cost_profile import CostProfile, DecodePiece, PrefillCost
+    from validate.runner import validate
+
+    other = replace(PRESETS["tiny"], name="wider", hidden_size=PRESETS["tiny"].hidden_size * 2)
+    CostProfile("p", "calibrated", PrefillCost(0.01), (DecodePiece(1 << 30, 0.005),), model=other).save(tmp_path / "p.json")
+    with pytest.raises(ValidateError, match=r"--profile .*p.json: calibrated for 'wider'.*hidden_size"):
+        validate(profile=tmp_path / "p.json")
+    CostProfile("p", "calibrated", PrefillCost(0.01), (DecodePiece(1 << 30, 0.005),), dtype="fp32",
+                model=PRESETS["tiny"]).save(tmp_path / "q.json")
+    with pytest.raises(ValidateError, match="calibrated in fp32; validate runs the engine in bf16"):
+        validate(profile=tmp_path / "q.json")
+
+
+def test_vllm_backend_refuses_the_builtin_only_flags():
+    from disagg_cli.main import app
+
+    res = CliRunner().invoke(app, ["validate", "--backend", "vllm", "--host-speed", "--repeat", "2"])
+    assert res.exit_code == 2 and "--host-speed, --repeat: only with the built-in backend" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_validate_cli_reports_bad_numbers_without_a_traceback():
+    from disagg_cli.main import app
+
+    res = CliRunner().invoke(app, ["validate", "--burst", "0"])
+    assert res.exit_code == 2 and "--burst must be >= 2" in res.output and "Traceback" not in res.output

@@ -41,7 +41,10 @@ def register(app: typer.Typer) -> None:
         """Calibrate, measure capacity, run the engine at each load, simulate the same requests, report the error."""
         from rich.console import Console
 
+        from calibrate import CalibrationError
+        from calibrate.host_speed import SensorError
         from disagg_cli.main import fail
+        from engine.cluster import ClusterError
         from validate.report import table, write
         from validate.runner import ValidateError, validate
 
@@ -51,6 +54,11 @@ def register(app: typer.Typer) -> None:
         except ValueError:
             fail(f"--loads {loads!r}: expected comma-separated numbers like 0.3,0.6,0.9")
         if backend == "vllm":  # vLLM backend hook: validate/vllm_runner.py
+            unused = [flag for flag, used in (("--host-speed", host_speed), ("--calibration", calibration != "serving"),
+                                              ("--serving-s", serving_s != 45.0), ("--repeat", repeat != 1)) if used]
+            if unused:
+                fail(f"{', '.join(unused)}: only with the built-in backend (--backend vllm calibrates from vLLM's "
+                     "own iteration stats and runs each point once)")
             _validate_vllm(console, model, topologies, loads_f, workload, num_requests, profile, budget_s, burst,
                            length_scale, max_error, seed, out, host_contention)
             return
@@ -61,8 +69,10 @@ def register(app: typer.Typer) -> None:
                 report = validate(model=model, topologies=tuple(t for t in topologies.split(",") if t.strip()),
                                   loads=loads_f, workload=workload, num_requests=num_requests, profile=profile,
                                   calibrate_budget_s=budget_s, repeat=repeat, seed=seed, length_scale=length_scale,
-                                  burst=burst, host_contention=host_contention, host_speed=host_speed, calibration=calibration, serving_s=serving_s, progress=lambda msg: status.update(f"validate: {msg}"))
-        except (ValidateError, FileNotFoundError, ValueError) as e:
+                                  burst=burst, host_contention=host_contention, host_speed=host_speed,
+                                  calibration=calibration, serving_s=serving_s,
+                                  progress=lambda msg: status.update(f"validate: {msg}"))
+        except (ValidateError, CalibrationError, ClusterError, SensorError, FileNotFoundError, ValueError) as e:
             fail(str(e))
         s = write(report, out, max_error=max_error)
         console.print(table(report))

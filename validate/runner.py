@@ -27,7 +27,7 @@ import pyarrow as pa
 from sim.cost_profile import CostProfile
 from sim.model_spec import ModelSpec, get_model
 from sim.request import Workload
-from sim.simulator import simulate
+from sim.simulator import profile_for, simulate
 from sim.topology import HostCPU, SpeedTrace, Topology
 from sim.traces import load_trace
 from validate.compare import compare
@@ -49,12 +49,17 @@ def parse_topology(label: str, link: str = "shm", **pool_kw: object) -> Topology
 
 
 def scaled_workload(name_or_path: str, model: ModelSpec, num_requests: int, rate_rps: float, seed: int,
-                    length_scale: float | None = None) -> Workload:
+                    length_scale: float | None = None, option: str = "--num-requests") -> Workload:
     """``num_requests`` requests with the trace's (prompt, output) pairs, lengths scaled by ``length_scale`` (default:
-    so the trace's p99 prompt+output fits the model's context), Poisson arrivals at ``rate_rps`` (seeded)."""
+    so the trace's p99 prompt+output fits the model's context), Poisson arrivals at ``rate_rps`` (seeded). ``option``
+    names the flag that asked for ``num_requests`` in errors."""
+    if not (rate_rps > 0 and math.isfinite(rate_rps)):
+        raise ValidateError(f"request rate must be a positive number, got {rate_rps!r} req/s")
+    if length_scale is not None and not (length_scale > 0 and math.isfinite(length_scale)):
+        raise ValidateError(f"--length-scale must be a positive number, got {length_scale!r}")
     base = load_trace(name_or_path).head(num_requests)
     if len(base) < num_requests:
-        raise ValidateError(f"--num-requests {num_requests}: the trace has only {len(base)} requests")
+        raise ValidateError(f"{option} {num_requests}: the trace has only {len(base)} requests")
     totals = np.array([r.prompt_tokens + r.output_tokens for r in base])
     scale = length_scale or min(1.0, 0.9 * model.max_context_tokens / float(np.percentile(totals, 99)))
     rng = np.random.default_rng(seed)
@@ -89,11 +94,18 @@ class ValidationReport:
     role_profiles: dict[str, CostProfile] = field(default_factory=dict)  # per pool role, when calibrated per role
 
 
-def _host_busy_s() -> float:
-    """CPU seconds the whole host has spent busy since boot (all cores; /proc/stat)."""
+def _host_busy_s(cpus: set[int] | None = None) -> float:
+    """CPU seconds the host's ``cpus`` (default: those this process may run on) have spent busy since boot
+    (/proc/stat, less idle and iowait)."""
+    cpus = os.sched_getaffinity(0) if cpus is None else cpus
+    total = 0
     with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+        for line in f:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                v = [int(x) for x in fields[:8]]
+                total += sum(v) - v[3] - v[4]
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _proc_cpu_s(pid: int) -> float:
@@ -137,37 +149,42 @@ def _run_real(model: str, topo: Topology, workload: Workload, transport: str, se
 
 def trace_profile(trace_dir: Path, base: CostProfile) -> CostProfile | None:
     """A diagnostic profile fitted to the engine's own traced steps of one run (wall time, same formulas as
-    calibration; `calibrate.serving.fit_steps`). Simulating with it isolates the simulator's queueing / scheduling
-    error from the calibration's service-time error. It is fitted in-sample on the run it then replays, so it is a
-    diagnosis, never a prediction. None when the run has too few steps of a kind to fit."""
-    from calibrate.serving import fit_steps, read_steps
+    calibration; `calibrate.serving.fit_steps`) plus the measured loop between steps (`calibrate.serving.
+    loop_overhead_s`) of the workers that run each kind. Simulating with it isolates the simulator's queueing /
+    scheduling error from the calibration's service-time error. It is fitted in-sample on the run it then replays,
+    so it is a diagnosis, never a prediction. None when the run has too few steps of a kind to fit."""
+    from calibrate.serving import fit_steps, loop_overhead_s, read_steps, with_loop
 
-    return fit_steps(read_steps(trace_dir), base, "wall", name=f"{base.name}:engine-trace")
+    steps = read_steps(trace_dir)
+    prof = fit_steps(steps, base, "wall", name=f"{base.name}:engine-trace")
+    if prof is None:
+        return None
+    for kind, roles in (("prefill", "CP"), ("decode", "CD")):  # colocated, prefill-only, decode-only workers
+        prof = with_loop(prof, loop_overhead_s([st for st in steps if st["w"][:1] in roles]), (kind,))
+    return prof
 
 
 def _for_worker(profile: CostProfile | Mapping[str, CostProfile], worker: str) -> CostProfile:
-    """The profile of ``worker``'s role (``P0`` prefill, ``D0`` decode, ``C0`` colocated; `sim.simulator`'s fallbacks)."""
-    if isinstance(profile, CostProfile):
-        return profile
-    role = {"P": "prefill", "D": "decode"}.get(worker[:1], "colocated")
-    for key in (role, "decode" if role == "colocated" else "", "colocated", "default"):
-        if key in profile:
-            return profile[key]
-    raise ValueError(f"no cost profile for worker {worker} (have {sorted(profile)})")
+    """The profile ``worker`` runs with in the simulator (``P0`` prefill, ``D0`` decode, ``C0`` colocated;
+    `sim.simulator.profile_for`)."""
+    return profile_for(profile, {"P": "prefill", "D": "decode"}.get(worker[:1], "colocated"))
 
 
 def service_error(trace_dir: Path, profile: CostProfile | Mapping[str, CostProfile],
                   speed: Mapping[str, SpeedTrace] | None = None, t_origin: float = 0.0) -> dict:
     """How the engine's own model steps compare with the profile's prediction for the same shapes, per step kind:
-    median and mean of (predicted - measured) / measured, and the steps' count. This separates service-time error
-    (the profile under this load) from queueing and scheduling error (the simulator's model). With ``speed`` (per
-    worker, times relative to the monotonic ``t_origin``) each prediction is scaled by the host-speed factor in force
-    when the step started, as the simulator does."""
-    rows: dict[str, list[float]] = {"prefill": [], "decode": []}
-    from calibrate.serving import read_steps
+    median and mean of (predicted - measured) / measured, the error of their totals (``total``: what sums such as a
+    TPOT see), and the steps' count. Measured is each step's model-thread CPU time (``u``; wall time in traces
+    without it) and predicted the profile's step time less the worker loop it includes (`calibrate.serving.loop_in`):
+    waiting for a core is the contention model's part (`HostCPU`) and the loop runs between steps, so neither is in a
+    step. This separates service-time error (the profile under this load) from queueing and scheduling error (the
+    simulator's model). With ``speed`` (per worker, times relative to the monotonic ``t_origin``) each prediction is
+    scaled by the host-speed factor in force when the step started, as the simulator does."""
+    from calibrate.serving import loop_in, read_steps
 
+    rows: dict[str, list[tuple[float, float]]] = {"prefill": [], "decode": []}
     for st in read_steps(trace_dir):
-        measured = st["t1"] - st["t0"]
+        measured = st.get("u", st["t1"] - st["t0"])
         prof = _for_worker(profile, st["w"])
         if st["k"] == "prefill":
             pred = prof.prefill_s(st["n"], st["c"])
@@ -175,12 +192,18 @@ def service_error(trace_dir: Path, profile: CostProfile | Mapping[str, CostProfi
             ctx = [c + 1 for c in st["c"]]
             term = sum(ctx) if prof.decode_context == "sum" else len(ctx) * max(ctx)
             pred = prof.decode_step_s(len(ctx), term)
+        pred -= loop_in(prof, st["k"])
         if speed and st["w"] in speed:
             pred *= speed[st["w"]].at(st["k"], st["t0"] - t_origin)[0]
         if measured > 0:
-            rows[st["k"]].append((pred - measured) / measured)
-    return {k: {"steps": len(v), "median": float(np.median(v)) if v else math.nan,
-                "mean": float(np.mean(v)) if v else math.nan} for k, v in rows.items()}
+            rows[st["k"]].append((pred, measured))
+    out = {}
+    for k, v in rows.items():
+        p, m = np.array(v).reshape(-1, 2).T
+        e = (p - m) / m
+        out[k] = {"steps": len(v), "median": float(np.median(e)) if v else math.nan,
+                  "mean": float(np.mean(e)) if v else math.nan, "total": float(p.sum() / m.sum() - 1) if v else math.nan}
+    return out
 
 
 def _replay(real: pa.Table, workload: Workload) -> Workload:
@@ -195,7 +218,7 @@ def measure_capacity(model: str, topo: Topology, spec: ModelSpec, trace: str, tr
                      length_scale: float | None, burst: int, pin_cores: bool = False) -> float:
     """A short real ramp: ``burst`` requests at once; capacity = requests finished by the time half of them are done,
     divided by that time (the queue is still full then, so every instance is busy)."""
-    w = scaled_workload(trace, spec, burst, rate_rps=1e6, seed=seed + 7, length_scale=length_scale)
+    w = scaled_workload(trace, spec, burst, rate_rps=1e6, seed=seed + 7, length_scale=length_scale, option="--burst")
     real = _run_real(model, topo, w, transport, seed, pin_cores=pin_cores)
     ok = np.asarray(real.column("status").to_pylist()) == "ok"
     fin = np.sort(real.column("finished_s").to_numpy()[ok])
@@ -227,8 +250,15 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
         raise ValidateError("--num-requests must be >= 2 and --repeat >= 1")
     if calibration not in ("serving", "grid"):
         raise ValidateError(f"--calibration must be serving or grid, got {calibration!r}")
-    if not serving_s > 0:
-        raise ValidateError(f"--serving-s must be > 0, got {serving_s!r}")
+    if not (serving_s > 0 and math.isfinite(serving_s)):
+        raise ValidateError(f"--serving-s must be a positive number of seconds, got {serving_s!r}")
+    if burst < 2:
+        raise ValidateError(f"--burst must be >= 2 (capacity is read when half of the burst is done), got {burst}")
+    if length_scale is not None and not (length_scale > 0 and math.isfinite(length_scale)):
+        raise ValidateError(f"--length-scale must be a positive number, got {length_scale!r}")
+    for label, cap in (capacity_rps or {}).items():
+        if not (cap > 0 and math.isfinite(cap)):
+            raise ValidateError(f"capacity_rps[{label!r}] must be a positive number of req/s, got {cap!r}")
     from engine.cluster import DEFAULT_KV_TOKENS, resolve_model
 
     # the same pool settings for the engine and the simulator (the engine's defaults, made explicit)
@@ -246,6 +276,9 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
             sensors = stack.enter_context(Sensors(folder, sorted(os.sched_getaffinity(0))))
         prof, roles, ref = _profile(profile, folder, spec, calibrate_budget_s, transport, sensors, say,
                                     calibration, serving_s, seed)
+        if sensors is not None and ref is None:  # nothing to compare their readings with: stop using the cores
+            sensors.cleanup()
+            sensors = None
         report = ValidationReport(prof, {}, role_profiles=roles, config={
             "model": model, "topologies": list(topologies), "loads": list(loads), "workload": workload,
             "num_requests": num_requests, "repeat": repeat, "seed": seed, "transport": transport,
@@ -281,6 +314,7 @@ def _profile(profile: str | Path | None, folder: Path, spec: ModelSpec, budget_s
 
     if profile is not None:
         prof = CostProfile.load(profile)
+        _check_model(prof, spec, f"--profile {profile}")
         say(f"profile {profile}")
         ref = None
         if sensors is not None and "host_speed_reference" in prof.meta:
@@ -303,14 +337,35 @@ def _profile(profile: str | Path | None, folder: Path, spec: ModelSpec, budget_s
             split, info2 = calibrate_serving(folder, spec, prof, serving_s, seed, transport, disaggregated=True,
                                              progress=say)
             roles.update(split)
-            t0, t1 = info["t_start"], info2["t_end"]
-        ref = reference(sensors.readings(t0, t1)) if sensors is not None else None  # type: ignore[attr-defined]
+            windows = [(info["t_start"], info["t_end"]), (info2["t_start"], info2["t_end"])]  # not the gap between
+        else:
+            windows = [(t0, t1)]
+        ref = None
+        if sensors is not None:
+            parts = [sensors.readings(a, b) for a, b in windows]  # type: ignore[attr-defined]
+            ref = reference({cpu: np.concatenate([p[cpu] for p in parts]) for cpu in parts[0]})
         if ref is not None:
             stamp = {"host_speed_reference": ref.to_dict()}
             prof = replace(prof, meta={**prof.meta, **stamp})
             roles = {k: replace(v, meta={**v.meta, **stamp}) for k, v in roles.items()}
         return _check_links(prof, transport), roles, ref
     return _check_links(prof, transport), {}, ref
+
+
+_SHAPE = ("layers", "hidden_size", "heads", "kv_heads", "head_dim", "intermediate_size", "vocab_size")
+
+
+def _check_model(prof: CostProfile, spec: ModelSpec, where: str) -> None:
+    """A profile of another model's shapes would be simulated without a word: refuse it."""
+    if prof.dtype != "bf16":  # the engine validate starts runs bf16 (`engine.cluster.Cluster`)
+        raise ValidateError(f"{where}: calibrated in {prof.dtype}; validate runs the engine in bf16")
+    if prof.model is None:
+        return
+    diff = [f"{k} {getattr(prof.model, k)} (engine model: {getattr(spec, k)})" for k in _SHAPE
+            if getattr(prof.model, k) != getattr(spec, k)]
+    if diff:
+        raise ValidateError(f"{where}: calibrated for {prof.model.name!r}, whose shapes differ from the engine "
+                            f"model {spec.name!r}: " + ", ".join(diff))
 
 
 def _check_links(prof: CostProfile, transport: str) -> CostProfile:
@@ -340,10 +395,10 @@ def _measure_point(model: str, topo: Topology, w: Workload, transport: str, seed
         service = service_error(Path(trace_dir), prof)
         service_speed = service_error(Path(trace_dir), prof, speed, t_origin) if speed else None
         diag = trace_profile(Path(trace_dir), _for_worker(prof, "C"))
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))  # the cores the workers and `_host_busy_s` share
     replay = _replay(real, w)
     cpu = HostCPU(cores, host.get("background_cpu", 0.0), speed=speed) if host_contention else \
-        (HostCPU(cores, 0.0, speed=speed) if speed else None)
+        (HostCPU(cores, speed=speed, contention=False) if speed else None)
     sim = simulate(topo, replay, prof, model=spec, seed=seed, host=cpu).records
     errors = {**compare(real, sim), "service": service, "host": host}
     if speed:
