@@ -43,6 +43,26 @@ def test_fit_steps_recovers_the_step_costs_from_cpu_or_wall_time():
     assert wall.prefill_s([500]) == pytest.approx(1.1 * TRUE.prefill_s([500]), rel=0.02)
 
 
+def test_fit_steps_scales_the_robust_fit_to_the_measured_total():
+    """A slow tail (one step in eight 3x slower): the robust fit follows the typical step; scaled, the predictions
+    add up to the measured time, per formula."""
+    rng = np.random.default_rng(3)
+    steps = [st for st in _steps(rng, n_pre=48, n_dec=240) if len(st["c"]) <= 6]  # few batch sizes: a quick fit
+    for i, st in enumerate(steps):
+        if i % 8 == 0:
+            st["u"] *= 3.0
+    base = CostProfile("grid", "calibrated", PrefillCost(1.0), (DecodePiece(1 << 30, 1.0),), links={})
+    typical = fit_steps(steps, base, "u", mean_scaled=False)
+    scaled = fit_steps(steps, base, "u")
+    for kind, pred in (("prefill", lambda p, st: p.prefill_s(st["n"], st["c"])),
+                       ("decode", lambda p, st: p.decode_step_s(len(st["c"]), sum(c + 1 for c in st["c"])))):
+        mine = [st for st in steps if st["k"] == kind]
+        total = sum(st["u"] for st in mine)
+        assert sum(pred(typical, st) for st in mine) < 0.85 * total
+        assert sum(pred(scaled, st) for st in mine) == pytest.approx(total, rel=1e-9)
+    assert 1.15 < scaled.fit["prefill"]["mean_scale"] < 1.3 and len(scaled.fit["decode"]["mean_scale"]) == len(scaled.decode)
+
+
 def test_fit_steps_needs_enough_steps_of_each_kind():
     steps = _steps(np.random.default_rng(1), n_pre=MIN_STEPS - 1)
     assert fit_steps(steps, TRUE) is None
