@@ -106,7 +106,15 @@ def test_cli_serve_loadgen_and_clean_ctrl_c(tiny_model_dir, tmp_path):
         assert lg.returncode == 0, lg.stdout + lg.stderr
         assert "TTFT" in lg.stdout and pq.read_table(out / "records.parquet").num_rows == 6
         serve.send_signal(signal.SIGINT)
-        assert serve.wait(30) == 0
+        try:
+            rc = serve.wait(60)
+        except subprocess.TimeoutExpired:  # say what it was doing: its output and which children are left
+            left = [k for k in kids if Path(f"/proc/{k}").exists()]
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
+            pytest.fail(f"serve still running 60 s after Ctrl-C (children left: {left}); its output:\n"
+                        f"{serve.stdout.read()[-4000:]}")
+        assert rc == 0
         assert not [k for k in kids if Path(f"/proc/{k}").exists()]
         assert pq.read_table(tmp_path / "server.parquet").num_rows == 6
     finally:
