@@ -130,6 +130,9 @@ def register(app: typer.Typer) -> None:
 
         if ray is None and (ray_resources or worker_host):
             fail("--ray-resources and --worker-host only apply with --ray ADDRESS")
+        # Ctrl-C stops everything, also when started as a background job (which inherits SIGINT ignored, and Python
+        # then installs no KeyboardInterrupt handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         if backend == "vllm":  # vLLM backend hook: engine/vllm_backend/serve.py
             from engine.vllm_backend.serve import serve_vllm
             try:

@@ -86,9 +86,11 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_cli_serve_loadgen_and_clean_ctrl_c(tiny_model_dir, tmp_path):
+    # started the way a shell starts a background job (SIGINT ignored, inherited): Ctrl-C must still stop it
     serve = subprocess.Popen([DISAGG, "serve", "--model", str(tiny_model_dir), "--topology", "1P1D", "--port", "0",
                               "--records", str(tmp_path / "server.parquet")], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         url, deadline = "", time.monotonic() + 90
         while not url and time.monotonic() < deadline:
@@ -107,12 +109,14 @@ def test_cli_serve_loadgen_and_clean_ctrl_c(tiny_model_dir, tmp_path):
         assert "TTFT" in lg.stdout and pq.read_table(out / "records.parquet").num_rows == 6
         serve.send_signal(signal.SIGINT)
         try:
-            rc = serve.wait(60)
+            rc = serve.wait(30)
         except subprocess.TimeoutExpired:  # say what it was doing: its output and which children are left
             left = [k for k in kids if Path(f"/proc/{k}").exists()]
+            sig = [ln for ln in Path(f"/proc/{serve.pid}/status").read_text().splitlines()
+                   if ln.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt", "State"))]
             os.killpg(serve.pid, signal.SIGKILL)
             serve.wait()
-            pytest.fail(f"serve still running 60 s after Ctrl-C (children left: {left}); its output:\n"
+            pytest.fail(f"serve still running 30 s after Ctrl-C (children left: {left}; {sig}); its output:\n"
                         f"{serve.stdout.read()[-4000:]}")
         assert rc == 0
         assert not [k for k in kids if Path(f"/proc/{k}").exists()]
