@@ -113,3 +113,21 @@ def test_request_larger_than_an_instance_kv_is_refused(small_cluster):
     r = httpx.post(f"{small_cluster.url}/v1/completions",
                    json={"model": "tiny", "prompt": [1] * 600, "max_tokens": 600})
     assert r.status_code == 400 and "more KV than one instance holds (1024 tokens)" in r.json()["error"]["message"]
+
+
+def test_vllm_instance_ports_come_from_below_the_ephemeral_range(tmp_path):
+    """`free_port` for vLLM's servers and NIXL side channels: bindable, and never where bind(0) and outgoing
+    connections take ports from in the meantime; the plain bind(0) port when the range leaves no room below."""
+    import socket
+
+    from engine.vllm_backend.cluster import LOW_PORT, free_port
+
+    rng_file = tmp_path / "range"
+    rng_file.write_text("32768\t60999\n")
+    ports = {free_port(ephemeral_file=str(rng_file)) for _ in range(20)}
+    assert all(LOW_PORT <= p < 32768 for p in ports) and len(ports) > 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.pop()))  # it was free
+    rng_file.write_text("1024 60999\n")
+    assert free_port(ephemeral_file=str(rng_file)) >= 1024
+    assert free_port(ephemeral_file=str(tmp_path / "missing")) > 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -70,7 +71,28 @@ def wait_healthy(name: str, url: str, popen: subprocess.Popen, log_path: Path, d
         time.sleep(0.5)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+EPHEMERAL_PORTS = "/proc/sys/net/ipv4/ip_local_port_range"
+LOW_PORT = 10_000  # the lowest port `free_port` picks
+
+
+def free_port(host: str = "127.0.0.1", ephemeral_file: str = EPHEMERAL_PORTS) -> int:
+    """A port free on ``host`` now, for a server that binds it seconds later. Picked at random below the kernel's
+    ephemeral range when there is room: a port from ``bind(0)`` lies in that range, where the kernel hands out ports
+    to every other socket meanwhile (seen: a vLLM instance's NIXL side channel failing on "Address already in use"
+    during start-up in a full test run). Random (not seeded): concurrent clusters must not pick alike."""
+    try:
+        low = int(Path(ephemeral_file).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    rng = random.SystemRandom()
+    for _ in range(100 if low - LOW_PORT >= 1000 else 0):
+        port = rng.randrange(LOW_PORT, low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
