@@ -8,8 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from sim import PRESETS, RequestRecord, records_to_table
+from sim.request import RequestSpec, Workload
 from validate.compare import compare, join, rel_err, worst_error
-from validate.runner import ValidateError, parse_topology, scaled_workload
+from validate.runner import ValidateError, capacity_burst, parse_topology, scaled_workload
 
 
 def records(n, ttft, tpot, out=11, start=0.0, gap=1.0, status="ok"):
@@ -101,6 +102,25 @@ def test_scaled_workload_fits_context_and_is_seeded():
     assert max(r.prompt_tokens + r.output_tokens for r in w) < tiny.max_context_tokens
     assert w.rate_rps == pytest.approx(3.0, rel=0.25)
     assert [r.arrival_s for r in w] == [r.arrival_s for r in scaled_workload("azure-conv", tiny, 200, 3.0, seed=1)]
+
+
+def test_capacity_burst_has_the_load_runs_length_mix():
+    tiny = PRESETS["tiny"]
+    w = scaled_workload("azure-conv", tiny, 240, rate_rps=3.0, seed=0)
+    b = capacity_burst(w, 32)
+    assert len(b) == 32 and {r.arrival_s for r in b} == {0.0} and len({r.id for r in b}) == 32
+    out = lambda reqs: float(np.mean([r.output_tokens for r in reqs]))  # noqa: E731
+    head = scaled_workload("azure-conv", tiny, 32, rate_rps=3.0, seed=0)  # the trace's first 32: lighter than the mix
+    assert abs(out(b) / out(w) - 1) < 0.15 < abs(out(head) / out(w) - 1)
+    pairs = {(r.prompt_tokens, r.output_tokens) for r in w}
+    assert all((r.prompt_tokens, r.output_tokens) in pairs for r in b)
+    small = Workload(tuple(RequestSpec(i, i * 0.5, 10 + i, 3 + i) for i in range(5)))  # distinct lengths
+    b = capacity_burst(small, 12)  # a burst larger than the runs reuses them in turn
+    assert len(b) == 12 and len({r.id for r in b}) == 12
+    used = [sum(r.prompt_tokens == s.prompt_tokens and r.output_tokens == s.output_tokens for r in b) for s in small]
+    assert sum(used) == 12 and min(used) >= 2  # every run request, each 2-3 times
+    with pytest.raises(ValidateError, match="capacity burst"):
+        capacity_burst(small, 0)
 
 
 @pytest.mark.slow

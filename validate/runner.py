@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from sim.cost_profile import CostProfile
 from sim.model_spec import ModelSpec, get_model
-from sim.request import Workload
+from sim.request import RequestSpec, Workload
 from sim.simulator import profile_for, simulate
 from sim.topology import HostCPU, SpeedTrace, Topology
 from sim.traces import load_trace
@@ -214,12 +214,25 @@ def _replay(real: pa.Table, workload: Workload) -> Workload:
     return Workload(reqs, workload.name)
 
 
-def measure_capacity(model: str, topo: Topology, spec: ModelSpec, trace: str, transport: str, seed: int,
-                     length_scale: float | None, burst: int, pin_cores: bool = False) -> float:
-    """A short real ramp: ``burst`` requests at once; capacity = requests finished by the time half of them are done,
-    divided by that time (the queue is still full then, so every instance is busy)."""
-    w = scaled_workload(trace, spec, burst, rate_rps=1e6, seed=seed + 7, length_scale=length_scale, option="--burst")
-    real = _run_real(model, topo, w, transport, seed, pin_cores=pin_cores)
+def capacity_burst(w: Workload, burst: int) -> Workload:
+    """``burst`` requests with the lengths of ``w``'s, spread evenly over it (every ``len(w) / burst``-th; reused in turn
+    when ``burst`` > ``len(w)``), all arriving at 0. The capacity ramp runs these, so capacity is measured for the mix
+    the load runs serve: a trace's first requests can be lighter (azure-conv's first 32 have 41 output tokens on
+    average, its first 240 have 107), and a capacity measured on them sends every "load" past the real one."""
+    n = len(w.requests)
+    if n == 0 or burst < 1:
+        raise ValidateError(f"capacity burst: {burst} requests from a workload of {n}")
+    picks = [w.requests[i] for i in (np.arange(burst) * n) // burst]
+    return Workload(tuple(RequestSpec(k, 0.0, r.prompt_tokens, r.output_tokens, r.prefix_block_ids)
+                          for k, r in enumerate(picks)), f"{w.name}-burst{burst}")
+
+
+def measure_capacity(model: str, topo: Topology, requests: Workload, transport: str, seed: int, burst: int,
+                     pin_cores: bool = False) -> float:
+    """A short real ramp: ``burst`` requests at once, drawn from ``requests`` (the load runs' requests) by
+    `capacity_burst`; capacity = requests finished by the time half of them are done, divided by that time (the queue
+    is still full then, so every instance is busy)."""
+    real = _run_real(model, topo, capacity_burst(requests, burst), transport, seed, pin_cores=pin_cores)
     ok = np.asarray(real.column("status").to_pylist()) == "ok"
     fin = np.sort(real.column("finished_s").to_numpy()[ok])
     if fin.size < 2:
@@ -289,8 +302,8 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
                 cap = capacity_rps[label]
             else:
                 say(f"{label}: capacity ramp ({burst} requests at once)")
-                cap = measure_capacity(model, topo, spec, workload, transport, seed, length_scale, burst,
-                                       pin_cores=ref is not None)
+                cap = measure_capacity(model, topo, scaled_workload(workload, spec, num_requests, 1.0, seed, length_scale),
+                                       transport, seed, burst, pin_cores=ref is not None)
             report.capacity_rps[label] = cap
             say(f"{label}: capacity {cap:.2f} req/s")
             for load in loads:

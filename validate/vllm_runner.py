@@ -2,7 +2,7 @@
 against vLLM on the same model, cores and workload — the external check.
 
 One invocation, one machine state: calibrate vLLM from its per-iteration stats (`calibrate.vllm_iterations`), then per
-topology start the vLLM servers once, measure capacity with a burst (``burst`` requests at once; capacity = requests
+topology start the vLLM servers once, measure capacity with a burst (``burst`` requests at once with the load runs' length mix, `validate.runner.capacity_burst`; capacity = requests
 done by the time half are done / that time, as `validate.runner.measure_capacity`), then for each of ``loads`` run
 ``num_requests`` Poisson requests at load x capacity through disagg's router with `engine.loadgen`, and simulate exactly those requests
 (router-stamped arrivals) on the same pool settings with the vLLM profile. Finally the built-in engine serves the
@@ -51,6 +51,7 @@ from validate.runner import (
     _host_busy_s,
     _proc_cpu_s,
     _replay,
+    capacity_burst,
     scaled_workload,
 )
 
@@ -121,7 +122,7 @@ def validate_vllm(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1
                                                 "loads": list(loads), "workload": workload, "num_requests": num_requests,
                                                 "seed": seed, "burst": burst, "kv_cache_gib": KV_GIB,
                                                 "host_contention": host_contention})
-    ramp = scaled_workload(workload, spec, burst, rate_rps=1e6, seed=seed + 7, length_scale=length_scale)
+    ramp = capacity_burst(scaled_workload(workload, spec, num_requests, 1.0, seed, length_scale), burst)
     thr: dict = {"workload": f"{burst} requests at once ({ramp.name})"}
     for label in topologies:
         topo = vllm_topology(label, spec.kv_bytes_per_token)
