@@ -45,6 +45,7 @@ from sim.request import RequestSpec, Workload
 UTILIZATION = 0.5
 MIN_REQUESTS = 40
 MIN_STEPS = 8
+DISPERSION_POINTS = 41  # quantiles kept of the prefill steps' measured / predicted (`dispersion`)
 BUSY_GAP_S = 0.002  # a gap between two steps of a worker shorter than this: the worker was busy, not waiting for work
 _SEED_OFFSET = 1_000_003  # calibration prompts never coincide with a validation workload's of the same seed
 
@@ -91,6 +92,8 @@ def fit_steps(steps: list[dict], base: CostProfile, time_key: str = "u", name: s
             prof = replace(prof, prefill=replace(c, a_s=c.a_s * k, b_s=c.b_s * k, c_s=c.c_s * k, d_s=c.d_s * k,
                                                  e_s=c.e_s * k))
             fit["prefill"]["mean_scale"] = k
+        prof = replace(prof, prefill_dispersion=dispersion([seconds(st) / prof.prefill_s(st["n"], st["c"]) for st in pre]))
+        fit["prefill"]["dispersion_p10_p50_p90"] = [prof.prefill_factor(u) for u in (0.1, 0.5, 0.9)]
 
     def term(st: dict) -> float:
         ctx = [c + 1 for c in st["c"]]
@@ -113,6 +116,18 @@ def fit_steps(steps: list[dict], base: CostProfile, time_key: str = "u", name: s
             prof = replace(prof, decode=tuple(pieces))
             fit["decode"]["mean_scale"] = scales
     return replace(prof, fit=fit)
+
+
+def dispersion(ratios: list[float], points: int = DISPERSION_POINTS) -> tuple[float, ...]:
+    """`CostProfile.prefill_dispersion` from measured / predicted step times: ``points`` quantiles at evenly spaced
+    probabilities, scaled so their piecewise-linear quantile function has mean 1 (the formula keeps the mean; this
+    only spreads steps around it)."""
+    r = np.asarray([x for x in ratios if math.isfinite(x) and x > 0], float)
+    if r.size < 2:
+        return ()
+    q = np.quantile(r, np.linspace(0.0, 1.0, points))
+    mean = (q[1:] + q[:-1]).sum() / (2 * (points - 1))
+    return tuple(float(x) for x in q / mean)
 
 
 def loop_overhead_s(steps: list[dict], busy_gap_s: float = BUSY_GAP_S) -> float:

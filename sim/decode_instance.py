@@ -290,7 +290,8 @@ class DecodeInstance:
             batch.append(s)
         if not batch:
             return False
-        dur = self.profile.prefill_s([s.context for s in batch]) * self.ctx.begin_step() * self._speed("prefill")
+        dur = self.profile.prefill_s([s.context for s in batch]) * self.ctx.begin_step() * self._speed("prefill") \
+            * self.ctx.prefill_factor(self.name, self.profile)
         yield self.ctx.env.timeout(dur)
         self.ctx.end_step()
         self.busy_s += dur
@@ -318,7 +319,8 @@ class DecodeInstance:
             return False
         if env.now - self.last_sample_s >= self.ctx.sample_every_s:
             self.ctx.sample(self, len(self.prefill_q), self.batch.size + len(batch))
-        dur = self.profile.prefill_s([s.rec.prompt_tokens for s in batch]) * self.ctx.begin_step() * self._speed("prefill")
+        dur = self.profile.prefill_s([s.rec.prompt_tokens for s in batch]) * self.ctx.begin_step() * self._speed("prefill") \
+            * self.ctx.prefill_factor(self.name, self.profile)
         yield env.timeout(dur)
         self.ctx.end_step()
         self.busy_s += dur
@@ -358,7 +360,8 @@ class DecodeInstance:
             return False
         if env.now - self.last_sample_s >= self.ctx.sample_every_s:
             self.ctx.sample(self, len(self.prefill_q), batch.size + len(chunks))
-        dur = self.profile.prefill_s([n for _, n in chunks], cached=[s.context for s, _ in chunks]) * self._speed("prefill")
+        dur = self.profile.prefill_s([n for _, n in chunks], cached=[s.context for s, _ in chunks]) * self._speed("prefill") \
+            * self.ctx.prefill_factor(self.name, self.profile)
         if batch.size:
             dur += (self.profile.decode_step_s(batch.size, batch.first_step_context(self.profile.decode_context))
                     - self.profile.step_overhead_s()) * self._speed("decode")

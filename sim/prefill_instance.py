@@ -111,7 +111,8 @@ class PrefillInstance:
                 s.rec.prefill_start_s = start
             if start - self.last_sample_s >= ctx.sample_every_s:
                 ctx.sample(self, len(queue), len(batch))
-            dur = prefill_cost.time_s(len(batch), float(tokens), float(squares)) * ctx.begin_step()  # = profile.prefill_s
+            dur = (prefill_cost.time_s(len(batch), float(tokens), float(squares))  # = profile.prefill_s
+                   * ctx.prefill_factor(self.name, self.profile) * ctx.begin_step())
             if ctx.speed_traces:
                 dur *= ctx.speed(self.name, "prefill")[0]
             yield env.timeout(dur)

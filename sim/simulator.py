@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import math
+import random
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -50,8 +51,10 @@ class SimResult:
 class SimContext:
     """State shared by the processes of one run: the environment, the records, the time-series sampler."""
 
-    def __init__(self, env: simpy.Environment, model: ModelSpec, sample_every_s: float):
+    def __init__(self, env: simpy.Environment, model: ModelSpec, sample_every_s: float, seed: int = 0):
         self.env = env
+        self.seed = seed
+        self._step_rngs: dict[str, random.Random] = {}
         self.kv_bytes_per_token = model.kv_bytes_per_token
         self.records = RecordColumns()  # finished and rejected requests
         self.finished = 0
@@ -68,6 +71,16 @@ class SimContext:
         if host is None or not host.contention:
             return 1.0
         return max(1.0, (self.busy + host.background_cpu) / host.cores)
+
+    def prefill_factor(self, name: str, profile: CostProfile) -> float:
+        """How much instance ``name``'s prefill step starting now is stretched: a draw from ``profile``'s
+        ``prefill_dispersion`` (mean 1), from a generator seeded by the run's seed and the instance; 1 without one."""
+        if not profile.prefill_dispersion:
+            return 1.0
+        rng = self._step_rngs.get(name)
+        if rng is None:
+            rng = self._step_rngs[name] = random.Random(f"{self.seed}/{name}/prefill")
+        return profile.prefill_factor(rng.random())
 
     def speed(self, name: str, kind: str) -> tuple[float, float]:
         """(host-speed factor of instance ``name`` for a ``kind`` step starting now, time of its next change):
@@ -154,7 +167,7 @@ def simulate(topology: Topology, workload: Workload, profile: CostProfile | Mapp
     if sample_every_s is None:
         sample_every_s = max(workload.duration_s, 1.0) / 2000
     env = simpy.Environment()
-    ctx = SimContext(env, model, sample_every_s)
+    ctx = SimContext(env, model, sample_every_s, seed)
     ctx.host = host
     if host is not None:
         ctx.speed_traces = host.speed

@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from calibrate.serving import MIN_STEPS, calibration_workload, fit_steps
+from calibrate.serving import MIN_STEPS, calibration_workload, dispersion, fit_steps
 from sim import PRESETS
 from sim.cost_profile import CostProfile, DecodePiece, PrefillCost
 
@@ -61,6 +61,28 @@ def test_fit_steps_scales_the_robust_fit_to_the_measured_total():
         assert sum(pred(typical, st) for st in mine) < 0.85 * total
         assert sum(pred(scaled, st) for st in mine) == pytest.approx(total, rel=1e-9)
     assert 1.15 < scaled.fit["prefill"]["mean_scale"] < 1.3 and len(scaled.fit["decode"]["mean_scale"]) == len(scaled.decode)
+
+
+def test_fit_steps_keeps_how_prefill_steps_spread_around_the_formula():
+    """Prefill steps a quarter at 0.7x, half at 1x, a quarter at 1.3x the true time: the profile keeps that spread
+    (mean 1, 0.7 .. 1.3), decode steps none of it."""
+    rng = np.random.default_rng(5)
+    steps = _steps(rng, n_pre=80, n_dec=60)
+    for i, st in enumerate(st for st in steps if st["k"] == "prefill"):
+        st["u"] *= (0.7, 1.0, 1.0, 1.3)[i % 4]
+    base = CostProfile("grid", "calibrated", PrefillCost(1.0), (DecodePiece(1 << 30, 1.0),), links={})
+    prof = fit_steps(steps, base, "u")
+    q = prof.prefill_dispersion
+    assert len(q) == 41 and list(q) == sorted(q)
+    assert q[0] == pytest.approx(0.7, rel=0.06) and q[-1] == pytest.approx(1.3, rel=0.06)
+    assert q[20] == pytest.approx(1.0, rel=0.06)
+    u = np.linspace(0, 1, 100_001)
+    assert np.mean([prof.prefill_factor(x) for x in u]) == pytest.approx(1.0, abs=1e-3)
+    lo, mid, hi = prof.fit["prefill"]["dispersion_p10_p50_p90"]
+    assert lo < 0.8 and hi > 1.2 and mid == pytest.approx(1.0, rel=0.06)
+    exact = fit_steps(_steps(np.random.default_rng(5), n_pre=80, n_dec=60), base, "u")  # steps right on the formula
+    assert max(exact.prefill_dispersion) / min(exact.prefill_dispersion) < 1.05
+    assert dispersion([1.0]) == () and dispersion([0.0, float("nan"), 2.0]) == ()
 
 
 def test_fit_steps_needs_enough_steps_of_each_kind():

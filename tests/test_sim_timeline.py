@@ -91,6 +91,44 @@ def test_request_overhead_delays_scheduling_at_each_server():
         replace(prof, request_overhead_s=-1.0)
 
 
+def test_prefill_dispersion_spreads_prefill_steps_seeded_and_keeps_their_mean(tmp_path):
+    """`CostProfile.prefill_dispersion`: each prefill step (colocated, prefill instance) takes the formula's time times
+    a seeded draw with the stored quantiles; the decode steps are untouched; absent, every prefill takes 1 s."""
+    from dataclasses import replace
+
+    from sim.cost_profile import CostProfile as CP
+
+    q = (0.5, 1.0, 1.5)  # uniform on [0.5, 1.5]: mean 1
+    prof = replace(PROFILE, prefill_dispersion=q)
+    n = 400
+    arrivals = [10.0 * i for i in range(n)]  # far apart: TTFT is one prefill step
+    for topo in (Topology.colocated(1, kv_capacity_tokens=1000), Topology.disaggregated(1, 1, kv_capacity_tokens=1000)):
+        w = Workload.from_lists(arrivals, [10] * n, [3] * n)
+        recs = simulate(topo, w, prof, model=TINY, seed=1).records.to_pylist()
+        ttft = [r["first_token_s"] - r["arrival_s"] for r in recs]
+        assert 0.5 <= min(ttft) < 0.55 and 1.45 < max(ttft) <= 1.5
+        assert sum(ttft) / n == pytest.approx(1.0, abs=0.05)
+        def times(seed, topo=topo, w=w):
+            return [(r["first_token_s"], r["finished_s"]) for r in simulate(topo, w, prof, model=TINY, seed=seed).records.to_pylist()]
+
+        assert times(1) == [(r["first_token_s"], r["finished_s"]) for r in recs] != times(2)  # seeded
+        plain = simulate(topo, w, PROFILE, model=TINY, seed=1).records.to_pylist()
+        assert {r["first_token_s"] - r["arrival_s"] for r in plain} == {1.0}
+        if topo.kind == "colocated":  # 2 decode steps of 0.1 s after the first token, whatever the prefill took
+            assert all(r["finished_s"] - r["first_token_s"] == approx(0.2) for r in recs)
+    path = tmp_path / "p.json"
+    prof.save(path)
+    assert CP.load(path).prefill_dispersion == q and "prefill_dispersion" not in PROFILE.to_dict()
+    assert prof.prefill_factor(0.25) == 0.75 and PROFILE.prefill_factor(0.25) == 1.0
+    for bad in ((1.0,), (1.2, 0.8), (0.0, 1.0), (1.0, float("inf"))):
+        with pytest.raises(ValueError, match="prefill_dispersion"):
+            replace(PROFILE, prefill_dispersion=bad)
+    d = prof.to_dict()
+    d["prefill_dispersion"] = [2.0, 1.0]
+    with pytest.raises(ValueError, match=r"bad\.json: .*prefill_dispersion"):
+        CP.from_dict(d, where="bad.json")
+
+
 def test_single_output_token_finishes_at_prefill_end_without_transfer():
     r = run(Topology.disaggregated(1, 1, kv_capacity_tokens=1000), [0.0], [10], [1])[0]
     assert r["finished_s"] == 1.0 and math.isnan(r["kv_transfer_start_s"]) and r["status"] == "ok"

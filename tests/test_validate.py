@@ -142,6 +142,7 @@ def test_short_validate_run_end_to_end(tmp_path):
     assert (out / "joined.parquet").exists() and (out / "error_vs_load.png").exists()
     assert (out / "profile.json").exists()
     assert s["config"]["calibration"] == "serving" and s["config"]["host_speed"]
+    assert math.isfinite(run["without_prefill_dispersion"]["ttft_p50"])  # the serving profile has a dispersion
     for k in ("ttft_p50", "tpot_p50"):  # the same run simulated without the measured host speed
         assert math.isfinite(run["without_host_speed"][k])
     speed = run["host_speed"]

@@ -48,12 +48,13 @@ def summary(report: ValidationReport, max_error: float) -> dict:
 
 
 def table(report: ValidationReport) -> Table:
-    """Per run: the errors (`KEYS`), the real p50s, the p50 errors without host speed (when it was measured), the
+    """Per run: the errors (`KEYS`), the real p50s, the TTFT p50 error without prefill dispersion (when the profile
+    has one), the p50 errors without host speed (when it was measured), the
     step-time error (prefill / decode, with host speed when measured) and the p50 errors with the engine's own step
     costs (in-sample diagnosis)."""
     t = Table(title="simulator error vs the real engine: (sim - real) / real")
     for col in ("topology", "load", "req/s", "run", *KEYS, "real TTFT p50 ms", "real TPOT p50 ms",
-                "TTFT / TPOT p50 | no host speed", "step err prefill / decode", "TTFT / TPOT p50 | engine steps"):
+                "TTFT p50 | no prefill dispersion", "TTFT / TPOT p50 | no host speed", "step err prefill / decode", "TTFT / TPOT p50 | engine steps"):
         t.add_column(col, justify="right")
 
     def pair(d: dict | None, a: str, b: str, get=lambda d, k: d[k]) -> str:
@@ -65,12 +66,17 @@ def table(report: ValidationReport) -> Table:
         e = r.errors["errors"]
         service = r.errors.get("service_with_host_speed") or r.errors.get("service")
         t.add_row(r.topology, f"{r.load:.0%}", f"{r.rate_rps:.2f}", str(r.repeat + 1),
-                  *(f"{e[k]:+.1%}" if not math.isnan(e[k]) else "-" for k in KEYS),
+                  *(_pct(e[k]) for k in KEYS),
                   f"{r.errors['real']['ttft_p50'] * 1e3:.1f}", f"{r.errors['real']['tpot_p50'] * 1e3:.2f}",
+                  _pct((r.errors.get("without_prefill_dispersion") or {}).get("ttft_p50")),
                   pair(r.errors.get("without_host_speed"), "ttft_p50", "tpot_p50"),
                   pair(service, "prefill", "decode", lambda d, k: d[k]["median"] if d[k]["steps"] else None),
                   pair(r.errors.get("with_engine_step_costs"), "ttft_p50", "tpot_p50"))
     return t
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None or math.isnan(v) else f"{v:+.1%}"
 
 
 def _plots(report: ValidationReport, out: Path) -> list[Path]:

@@ -421,10 +421,23 @@ def _measure_point(model: str, topo: Topology, w: Workload, transport: str, seed
         errors["service_with_host_speed"] = service_speed
         errors["host_speed"] = {name: {kind: _factor_summary(getattr(tr, kind)) for kind in ("prefill", "decode")}
                                 for name, tr in speed.items()}
+    flat = _without_dispersion(prof)
+    if flat is not prof:  # the same run with one deterministic time per prefill shape (`CostProfile.prefill_dispersion`)
+        errors["without_prefill_dispersion"] = compare(real, simulate(topo, replay, flat, model=spec, seed=seed,
+                                                                      host=cpu).records)["errors"]
     if diag is not None:  # the queueing model alone: the engine's own step costs, no contention stretch
         trace_sim = simulate(topo, replay, diag, model=spec, seed=seed).records
         errors["with_engine_step_costs"] = compare(real, trace_sim)["errors"]
     return RunResult(label, load, rate, k, real, sim, errors)
+
+
+def _without_dispersion(prof: CostProfile | Mapping[str, CostProfile]) -> CostProfile | Mapping[str, CostProfile]:
+    """``prof`` (one profile or one per role) without prefill dispersion; ``prof`` itself when none has one."""
+    if isinstance(prof, CostProfile):
+        return replace(prof, prefill_dispersion=()) if prof.prefill_dispersion else prof
+    if not any(p.prefill_dispersion for p in prof.values()):
+        return prof
+    return {role: replace(p, prefill_dispersion=()) for role, p in prof.items()}
 
 
 def _factor_summary(f: tuple[float, ...]) -> dict:
