@@ -19,9 +19,11 @@ is a delay, not busy time: other requests keep being served meanwhile.
 predicted at evenly spaced probabilities from 0 to 1, ascending, mean 1 (the trapezoid mean of the piecewise-linear
 quantile function). With one, the simulator stretches each prefill step by a factor drawn from it (seeded, per
 instance): one deterministic time per shape puts every request of a length at the same TTFT, and a TTFT percentile
-that falls between two length groups then lands on one group's edge while the real steps blur them (measured on 12
-validation runs of the tiny model on a shared CPU: TTFT p50 mean |error| 18 % -> 11 %, p90 18 % -> 7 %). Decode steps
-keep their mean: a TPOT averages many of them. Absent = every step takes the formula's time (roofline, imported and
+that falls between two length groups then lands on one group's edge while the real steps blur them. Measured with the
+tiny model on a shared CPU (azure-conv lengths, 2C and 1P1D, 12 runs each): simulated with step costs fitted to each
+run's own steps, TTFT p50 mean |error| 16.6 % without (sim too slow in 11 of 12 runs) and 5.6 % with (other runs);
+with the calibrated profile, the same 12 runs' TTFT p90 24.6 % -> 15.0 %. Decode steps keep their mean: a TPOT averages
+many of them. Absent = every step takes the formula's time (roofline, imported and
 grid-calibrated profiles).
 
 A chunk of ``n`` new tokens on top of ``p`` cached ones counts ``(p + n)^2 - p^2`` towards ``sum(len^2)``, so chunked
