@@ -152,6 +152,10 @@ def _serve_and_refit(model: str, dtype: str, grid, serving_s: float, seed: int, 
     console.print(f"serving calibration steps: {steps_dir}/")
     _print_rows(show(prof)[:2], f"{prof.name}: {info['requests']} requests at {info['rate_rps']:.2f} req/s, "
                 f"{info['duration_s']:.0f} s (cross-validated MAPE over the engine's steps)")
+    if prof.prefill_dispersion:
+        lo, mid, hi = (prof.prefill_factor(u) for u in (0.1, 0.5, 0.9))
+        console.print(f"prefill steps / fitted time: p10 {lo:.2f}, p50 {mid:.2f}, p90 {hi:.2f} (mean 1; kept as "
+                      "prefill_dispersion, the simulator draws each prefill step's factor from it)")
 
 
 def _run_vllm(model: str, budget_s: float, out: Path | None, seed: int) -> None:

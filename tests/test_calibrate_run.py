@@ -104,6 +104,7 @@ def test_cli_run_with_a_serving_calibration(tmp_path):
     assert prof.name.endswith(":serving-colocated") and prof.fit["method"] == "engine steps (u)"
     assert "shm" in prof.links and prof.fit["links"]["shm"]["sizes"]  # the grid run's measured transport is kept
     assert prof.fit["base"]["prefill"]["heldout_points"] > 0  # and its fit figures
+    assert len(prof.prefill_dispersion) == 41 and "prefill steps / fitted time: p10" in r.output
     steps = list((tmp_path / "s.serving-steps").glob("*.jsonl"))
     assert {p.stem for p in steps} == {f"C{i}" for i in range(len(steps))} and steps[0].stat().st_size > 0
 
