@@ -22,9 +22,8 @@ instance): one deterministic time per shape puts every request of a length at th
 that falls between two length groups then lands on one group's edge while the real steps blur them. Measured with the
 tiny model on a shared CPU (azure-conv lengths, 2C and 1P1D, 12 runs each): simulated with step costs fitted to each
 run's own steps, TTFT p50 mean |error| 16.6 % without (sim too slow in 11 of 12 runs) and 5.6 % with (other runs);
-with the calibrated profile, the same 12 runs' TTFT p90 24.6 % -> 15.0 %. Decode steps keep their mean: a TPOT averages
-many of them. Absent = every step takes the formula's time (roofline, imported and
-grid-calibrated profiles).
+with the calibrated profile, the same 12 runs' TTFT p90 24.6 % -> 15.0 %. Decode steps keep their mean: a TPOT
+averages many of them. Absent = every step takes the formula's time (roofline, imported, grid-calibrated profiles).
 
 A chunk of ``n`` new tokens on top of ``p`` cached ones counts ``(p + n)^2 - p^2`` towards ``sum(len^2)``, so chunked
 prefill costs the same attention work in total as one whole prefill. The optional ``e`` term (absent = 0) is for
