@@ -88,9 +88,7 @@ def fit_steps(steps: list[dict], base: CostProfile, time_key: str = "u", name: s
         fit["prefill"] = {"fit_points": len(pre), "heldout_points": 0, "cv_mape": pf.cv_mape}
         if mean_scaled:
             k = sum(map(seconds, pre)) / sum(prof.prefill_s(st["n"], st["c"]) for st in pre)
-            c = prof.prefill
-            prof = replace(prof, prefill=replace(c, a_s=c.a_s * k, b_s=c.b_s * k, c_s=c.c_s * k, d_s=c.d_s * k,
-                                                 e_s=c.e_s * k))
+            prof = at_speed(prof, prefill=k)
             fit["prefill"]["mean_scale"] = k
         prof = replace(prof, prefill_dispersion=dispersion([seconds(st) / prof.prefill_s(st["n"], st["c"]) for st in pre]))
         fit["prefill"]["dispersion_p10_p50_p90"] = [prof.prefill_factor(u) for u in (0.1, 0.5, 0.9)]
@@ -154,6 +152,21 @@ def with_loop(prof: CostProfile, loop_s: float, kinds: tuple[str, ...] = ("prefi
     loops = dict(old) if isinstance(old, dict) else {"prefill": old, "decode": old}
     loops.update({k: loop_s for k in kinds})
     return replace(prof, fit={**prof.fit, "loop_overhead_s": loops})
+
+
+def at_speed(prof: CostProfile, prefill: float = 1.0, decode: float = 1.0) -> CostProfile:
+    """``prof`` with its model steps ``prefill`` / ``decode`` times as long: every term of the formula, less the
+    worker loop `with_loop` added to it (the loop is not a model step and keeps its measured time)."""
+    if not (math.isfinite(prefill) and prefill > 0 and math.isfinite(decode) and decode > 0):
+        raise ValueError(f"step speed factors must be finite and > 0, got prefill {prefill!r}, decode {decode!r}")
+    if prefill == 1.0 and decode == 1.0:
+        return prof
+    lp, ld = loop_in(prof, "prefill"), loop_in(prof, "decode")
+    c = prof.prefill
+    pre = replace(c, a_s=(c.a_s - lp) * prefill + lp, b_s=c.b_s * prefill, c_s=c.c_s * prefill, d_s=c.d_s * prefill,
+                  e_s=c.e_s * prefill)
+    dec = tuple(replace(p, a_s=(p.a_s - ld) * decode + ld, b_s=p.b_s * decode, c_s=p.c_s * decode) for p in prof.decode)
+    return replace(prof, prefill=pre, decode=dec)
 
 
 def loop_in(prof: CostProfile, kind: str) -> float:

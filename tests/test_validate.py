@@ -153,10 +153,17 @@ def test_short_validate_run_end_to_end(tmp_path):
     assert prof.fit["method"] == "engine steps (u)" and prof.meta["host_speed_reference"]["samples"] >= 3
     for role in ("prefill", "decode"):  # the 1P1D pools' own serving calibration
         assert role in CostProfile.load(out / f"profile_{role}.json").fit
+    # the calibrated model at the speed this run's steps ran: factors from the step trace, a full set of errors
+    assert all(0.2 < run["run_step_speed"][k] < 5 for k in ("prefill", "decode"))
+    assert all(math.isfinite(run["with_run_step_speed"][k]) for k in ("ttft_p50", "tpot_p50", "throughput"))
     from validate.report import load_report
 
     summary, joined = load_report(out)
     assert joined.num_rows == 12 and summary["passed"]
+    means = summary["mean_abs_error"]
+    assert means["as predicted"]["ttft_p50"] == pytest.approx(abs(run["errors"]["ttft_p50"]))
+    assert means["at the run's step speed"]["tpot_p50"] == pytest.approx(abs(run["with_run_step_speed"]["tpot_p50"]))
+    assert "mean |error| over 1 runs" in res.output
 
 
 def test_service_error_compares_cpu_time_with_the_profile_less_its_loop(tmp_path):
@@ -178,6 +185,34 @@ def test_service_error_compares_cpu_time_with_the_profile_less_its_loop(tmp_path
     # a core running at half speed from t = 2.5 s (relative to t_origin 0.5): the decode step's prediction doubles
     slow = {"C0": SpeedTrace((0.0, 2.5), (1.0, 1.0), (1.0, 2.0))}
     assert service_error(tmp_path, prof, slow, t_origin=0.5)["decode"]["median"] == pytest.approx(0.6)
+
+
+def test_run_step_speed_scales_the_model_steps_and_keeps_the_loop():
+    """A run whose steps took 1.25x (prefill) and 0.8x (decode) the predicted total is re-simulated with the
+    profile's model steps that much longer (each role's profile), the worker loop unchanged."""
+    from calibrate.serving import at_speed, with_loop
+    from sim.cost_profile import CostProfile, DecodePiece, PrefillCost
+    from validate.runner import _scaled, run_step_speed
+
+    base = CostProfile("p", "constant", PrefillCost(0.010, 1e-4, 1e-8), (DecodePiece(8, 0.004, 1e-4, 1e-7),
+                                                                         DecodePiece(1 << 30, 0.005, 2e-4, 1e-7)))
+    prof = with_loop(base, 0.001)
+    f = run_step_speed({"prefill": {"steps": 10, "total": -0.2}, "decode": {"steps": 5, "total": 0.25},
+                        "other": {"steps": 3, "total": 9.0}})
+    assert f == pytest.approx({"prefill": 1.25, "decode": 0.8})
+    assert run_step_speed({"prefill": {"steps": 0, "total": math.nan}, "decode": {"steps": 4, "total": math.nan}}) \
+        == {"prefill": 1.0, "decode": 1.0}  # no steps of a kind, or no total: left as calibrated
+    fast = at_speed(prof, f["prefill"], f["decode"])
+    for n in ([17], [300, 40]):
+        assert fast.prefill_s(n) == pytest.approx(base.prefill_s(n) * 1.25 + 0.001)
+    for batch, ctx in ((3, 400), (20, 9000)):  # both decode pieces
+        assert fast.decode_step_s(batch, ctx) == pytest.approx(base.decode_step_s(batch, ctx) * 0.8 + 0.001)
+    roles = _scaled({"prefill": prof, "decode": prof}, f)
+    assert roles["decode"].decode_step_s(3, 400) == pytest.approx(fast.decode_step_s(3, 400))
+    assert at_speed(prof) == prof
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="step speed"):
+            at_speed(prof, prefill=bad)
 
 
 def test_validate_refuses_a_profile_of_another_model(tmp_path):

@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
         from calibrate.host_speed import SensorError
         from disagg_cli.main import fail
         from engine.cluster import ClusterError
-        from validate.report import table, write
+        from validate.report import mean_table, table, write
         from validate.runner import ValidateError, validate
 
         console = Console(width=170)
@@ -76,6 +76,7 @@ def register(app: typer.Typer) -> None:
             fail(str(e))
         s = write(report, out, max_error=max_error)
         console.print(table(report))
+        console.print(mean_table(report))
         console.print(f"capacity (req/s): {', '.join(f'{k} {v:.2f}' for k, v in report.capacity_rps.items())}")
         for key, sp in s["real_spread"].items():
             console.print(f"real run-to-run spread {key}: " + ", ".join(f"{k} {v:.1%}" for k, v in sp.items()))
@@ -91,7 +92,7 @@ def _validate_vllm(console, model, topologies, loads: tuple[float, ...], workloa
 
     from disagg_cli.main import fail
     from engine.cluster import ClusterError
-    from validate.report import table, write
+    from validate.report import mean_table, table, write
     from validate.runner import ValidateError
     from validate.vllm_runner import validate_vllm
 
@@ -106,6 +107,7 @@ def _validate_vllm(console, model, topologies, loads: tuple[float, ...], workloa
     s = write(report, out, max_error=max_error)
     (out / "throughput.json").write_text(json.dumps(thr, indent=2, default=float) + "\n")
     console.print(table(report))
+    console.print(mean_table(report))
     console.print(f"capacity (req/s): {', '.join(f'{k} {v:.2f}' for k, v in report.capacity_rps.items())}")
     if "ratio_builtin_over_vllm" in thr:
         console.print(f"output tokens/s on {thr['workload']}: built-in {thr['builtin']['output_tokens_per_s']:.1f}, "

@@ -38,23 +38,51 @@ def spread(report: ValidationReport) -> dict[str, dict[str, float]]:
     return out
 
 
+# the simulations each run reports errors of (`validate.runner`): as predicted, and the diagnoses next to it
+VARIANTS = {"as predicted": "errors", "at the run's step speed": "with_run_step_speed",
+            "no prefill dispersion": "without_prefill_dispersion", "no host speed": "without_host_speed",
+            "engine steps (in-sample)": "with_engine_step_costs"}
+
+
+def mean_abs_errors(report: ValidationReport) -> dict[str, dict[str, float]]:
+    """Mean |error| over the runs, per `KEYS` metric, for each simulation in `VARIANTS` the runs have."""
+    out = {}
+    for name, key in VARIANTS.items():
+        errs = [r.errors[key] for r in report.runs if r.errors.get(key)]
+        if errs:
+            out[name] = {k: float(np.nanmean([abs(e[k]) for e in errs])) for k in KEYS}
+    return out
+
+
 def summary(report: ValidationReport, max_error: float) -> dict:
     runs = [{"topology": r.topology, "load": r.load, "rate_rps": r.rate_rps, "repeat": r.repeat, **r.errors}
             for r in report.runs]
     worst = max((worst_error(r.errors) for r in report.runs), default=0.0)
     return {"format": "disagg.validate", "version": 1, "config": report.config, "capacity_rps": report.capacity_rps,
             "profile": {"name": report.profile.name, "fit": report.profile.fit}, "runs": runs,
+            "mean_abs_error": mean_abs_errors(report),
             "real_spread": spread(report), "max_error": max_error, "worst_error": worst, "passed": worst <= max_error}
+
+
+def mean_table(report: ValidationReport) -> Table:
+    """`mean_abs_errors` as a table: one row per simulation."""
+    t = Table(title=f"mean |error| over {len(report.runs)} runs")
+    for col in ("simulated", *KEYS):
+        t.add_column(col, justify="right")
+    for name, errs in mean_abs_errors(report).items():
+        t.add_row(name, *(f"{errs[k]:.1%}" for k in KEYS))
+    return t
 
 
 def table(report: ValidationReport) -> Table:
     """Per run: the errors (`KEYS`), the real p50s, the TTFT p50 error without prefill dispersion (when the profile
     has one), the p50 errors without host speed (when it was measured), the
-    step-time error (prefill / decode, with host speed when measured) and the p50 errors with the engine's own step
-    costs (in-sample diagnosis)."""
+    step-time error (prefill / decode, with host speed when measured), the p50 errors at the speed the run's steps
+    ran (the calibrated model less the host's change of speed) and with the engine's own step costs (in-sample)."""
     t = Table(title="simulator error vs the real engine: (sim - real) / real")
     for col in ("topology", "load", "req/s", "run", *KEYS, "real TTFT p50 ms", "real TPOT p50 ms",
-                "TTFT p50 | no prefill dispersion", "TTFT / TPOT p50 | no host speed", "step err prefill / decode", "TTFT / TPOT p50 | engine steps"):
+                "TTFT p50 | no prefill dispersion", "TTFT / TPOT p50 | no host speed", "step err prefill / decode",
+                "TTFT / TPOT p50 | run's step speed", "TTFT / TPOT p50 | engine steps"):
         t.add_column(col, justify="right")
 
     def pair(d: dict | None, a: str, b: str, get=lambda d, k: d[k]) -> str:
@@ -71,6 +99,7 @@ def table(report: ValidationReport) -> Table:
                   _pct((r.errors.get("without_prefill_dispersion") or {}).get("ttft_p50")),
                   pair(r.errors.get("without_host_speed"), "ttft_p50", "tpot_p50"),
                   pair(service, "prefill", "decode", lambda d, k: d[k]["median"] if d[k]["steps"] else None),
+                  pair(r.errors.get("with_run_step_speed"), "ttft_p50", "tpot_p50"),
                   pair(r.errors.get("with_engine_step_costs"), "ttft_p50", "tpot_p50"))
     return t
 

@@ -414,8 +414,8 @@ def _measure_point(model: str, topo: Topology, w: Workload, transport: str, seed
         (HostCPU(cores, speed=speed, contention=False) if speed else None)
     sim = simulate(topo, replay, prof, model=spec, seed=seed, host=cpu).records
     errors = {**compare(real, sim), "service": service, "host": host}
+    plain = HostCPU(cores, host.get("background_cpu", 0.0)) if host_contention else None  # no measured host speed
     if speed:
-        plain = HostCPU(cores, host.get("background_cpu", 0.0)) if host_contention else None
         errors["without_host_speed"] = compare(real, simulate(topo, replay, prof, model=spec, seed=seed,
                                                               host=plain).records)["errors"]
         errors["service_with_host_speed"] = service_speed
@@ -425,10 +425,36 @@ def _measure_point(model: str, topo: Topology, w: Workload, transport: str, seed
     if flat is not prof:  # the same run with one deterministic time per prefill shape (`CostProfile.prefill_dispersion`)
         errors["without_prefill_dispersion"] = compare(real, simulate(topo, replay, flat, model=spec, seed=seed,
                                                                       host=cpu).records)["errors"]
+    # the calibrated model at the speed this run's steps actually ran (one factor per step kind, from the trace):
+    # what is left is the model's error, not the host's change of speed since the calibration
+    errors["run_step_speed"] = factors = run_step_speed(service)
+    errors["with_run_step_speed"] = compare(real, simulate(topo, replay, _scaled(prof, factors), model=spec, seed=seed,
+                                                           host=plain).records)["errors"]
     if diag is not None:  # the queueing model alone: the engine's own step costs, no contention stretch
         trace_sim = simulate(topo, replay, diag, model=spec, seed=seed).records
         errors["with_engine_step_costs"] = compare(real, trace_sim)["errors"]
     return RunResult(label, load, rate, k, real, sim, errors)
+
+
+def run_step_speed(service: Mapping[str, dict]) -> dict[str, float]:
+    """How much longer than the profile predicts a run's model steps took, per kind: measured / predicted total
+    (`service_error`'s ``total``); 1 for a kind the run had no steps of."""
+    out = {}
+    for kind in ("prefill", "decode"):
+        e = service.get(kind) or {}
+        total = e.get("total", math.nan)
+        out[kind] = 1.0 / (1.0 + total) if e.get("steps") and math.isfinite(total) and total > -1 else 1.0
+    return out
+
+
+def _scaled(prof: CostProfile | Mapping[str, CostProfile], factors: Mapping[str, float]
+            ) -> CostProfile | Mapping[str, CostProfile]:
+    """``prof`` (one profile or one per role) with its steps stretched by ``factors`` (`calibrate.serving.at_speed`)."""
+    from calibrate.serving import at_speed
+
+    if isinstance(prof, CostProfile):
+        return at_speed(prof, factors["prefill"], factors["decode"])
+    return {role: at_speed(p, factors["prefill"], factors["decode"]) for role, p in prof.items()}
 
 
 def _without_dispersion(prof: CostProfile | Mapping[str, CostProfile]) -> CostProfile | Mapping[str, CostProfile]:
