@@ -154,6 +154,46 @@ def test_a_short_real_disaggregated_serving_calibration_fits_each_role(tiny_mode
     assert "prefill" in pre.fit and "decode" not in pre.fit and pre.decode == base.decode  # P0 runs no decode steps
     assert "decode" in dec.fit and "prefill" not in dec.fit and dec.prefill == base.prefill
     assert pre.prefill != base.prefill and dec.decode != base.decode
+    # the engine's KV hand-off, measured on the same requests: the decode role's link and request delay
+    h = info["handoff"]
+    assert h["requests"] >= 8 and 0 < h["wait_s"] < 1 and 0 < h["pull_mean_s"] < 1
+    assert dec.fit["handoff"] == h and dec.request_overhead_s == h["wait_s"] and pre.request_overhead_s == 0
+    assert dec.links["shm"].latency_s == h["latency_s"] and dec.links["shm"].bandwidth_bytes_per_s == h["bandwidth_bytes_per_s"]
+
+
+def test_fit_handoff_recovers_the_wait_and_the_pulls_latency_and_bandwidth():
+    """Requests whose pull takes 1.5 ms + bytes at 1 GB/s after a wait of 2 ms on average; failed requests, ones
+    without KV (colocated) and ones missing a time are left out."""
+    import pyarrow as pa
+
+    from calibrate.serving import fit_handoff, with_handoff
+
+    rng = np.random.default_rng(0)
+    n = 60
+    nbytes = rng.uniform(1e5, 2e6, n)
+    end = np.cumsum(rng.uniform(0.05, 0.2, n))
+    wait = rng.uniform(0.001, 0.003, n)
+    start = end + wait
+    pull = 0.0015 + nbytes / 1e9
+    status = ["ok"] * n
+    status[3] = "failed"
+    kv_end = start + pull
+    kv_end[7] = np.nan
+    nbytes[11] = 0
+    table = pa.table({"status": status, "prefill_end_s": end, "kv_transfer_start_s": start, "kv_transfer_end_s": kv_end,
+                      "kv_bytes": nbytes.astype(np.int64)})
+    h = fit_handoff(table)
+    keep = np.ones(n, bool)
+    keep[[3, 7, 11]] = False
+    assert h["requests"] == n - 3 and h["wait_s"] == pytest.approx(wait[keep].mean())
+    assert h["latency_s"] == pytest.approx(0.0015, rel=1e-3) and h["bandwidth_bytes_per_s"] == pytest.approx(1e9, rel=1e-3)
+    assert h["pull_mape"] < 1e-3
+    assert fit_handoff(table.slice(0, 5)) is None  # too few requests
+    assert fit_handoff(table.drop(["kv_bytes"])) is None  # not a disaggregated run's records
+    base = CostProfile("d", "calibrated", PrefillCost(0.01), (DecodePiece(1 << 30, 0.004),))
+    prof = with_handoff(base, h, "shm")
+    assert prof.links["shm"].latency_s == h["latency_s"] and prof.request_overhead_s == h["wait_s"]
+    assert CostProfile.from_dict(prof.to_dict()).links["shm"] == prof.links["shm"]
 
 
 def test_the_diagnostic_trace_profile_adds_each_kinds_own_loop_between_steps(tmp_path):

@@ -153,6 +153,7 @@ def test_short_validate_run_end_to_end(tmp_path):
     assert prof.fit["method"] == "engine steps (u)" and prof.meta["host_speed_reference"]["samples"] >= 3
     for role in ("prefill", "decode"):  # the 1P1D pools' own serving calibration
         assert role in CostProfile.load(out / f"profile_{role}.json").fit
+    assert CostProfile.load(out / "profile_decode.json").fit["handoff"]["requests"] >= 8  # the engine's KV hand-off
     # the calibrated model at the speed this run's steps ran: factors from the step trace, a full set of errors
     assert all(0.2 < run["run_step_speed"][k] < 5 for k in ("prefill", "decode"))
     assert all(math.isfinite(run["with_run_step_speed"][k]) for k in ("ttft_p50", "tpot_p50", "throughput"))

@@ -349,6 +349,10 @@ def _profile(profile: str | Path | None, folder: Path, spec: ModelSpec, budget_s
             prof = roles["colocated"]
             split, info2 = calibrate_serving(folder, spec, prof, serving_s, seed, transport, disaggregated=True,
                                              progress=say)
+            if "handoff" in info2:
+                h = info2["handoff"]
+                say(f"KV hand-off in the engine: {h['wait_s'] * 1e3:.2f} ms wait, pull {h['latency_s'] * 1e3:.2f} ms + "
+                    f"{1e9 / h['bandwidth_bytes_per_s']:.2f} ms/MB")
             roles.update(split)
             windows = [(info["t_start"], info["t_end"]), (info2["t_start"], info2["t_end"])]  # not the gap between
         else:
