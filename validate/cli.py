@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         host_contention: bool = typer.Option(True, help="Model the workers sharing this host's CPU cores, with the "
                                              "background CPU measured during each run."),
         host_speed: bool = typer.Option(False, help="Measure each CPU's speed during the runs with a sensor "
-                                        "process per core (calibrate.host_speed), pin the workers, and simulate "
+                                        "process per core (calibrate.host_speed) and simulate "
                                         "each instance at its core's speed relative to the calibration's "
                                         "(built-in backend; experimental: its sensors also read the run's own "
                                         "load, see README)."),

@@ -250,12 +250,15 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
     """Run the measure -> simulate -> compare loop (module docstring). ``capacity_rps`` skips the ramp for the
     topologies it names. ``host_contention``: simulate the workers sharing this host's cores with the background CPU
     measured during each run (`HostCPU`). ``host_speed``: run a `calibrate.host_speed` sensor on every CPU for the
-    whole validation, pin the workers, and simulate each instance at its core's measured speed relative to the
+    whole validation and simulate each instance at its core's measured speed relative to the
     calibration's (the profile's ``meta.host_speed_reference``; a --profile without one is simulated without). The
     errors without host speed are reported next to them (``without_host_speed``). ``calibration`` (when no
     ``profile`` is given): ``"grid"`` times each shape in this process (`calibrate.run`); ``"serving"`` (default)
     then also serves a calibration workload of its own on the engine for ``serving_s`` seconds and fits the engine's
-    traced steps (`calibrate.serving`), keeping the grid profile's links. Raises `ValidateError` on bad input."""
+    traced steps (`calibrate.serving`), keeping the grid profile's links. The workers of every run (capacity ramps
+    too) are pinned one per CPU, as in the serving calibration: unpinned, the same steps took 2-16 % more CPU time
+    (prefill 7-16 %, decode 2-10 %; three pinned / unpinned pairs of 35 s 2C runs), a bias between calibration and
+    runs. Raises `ValidateError` on bad input."""
     say = progress or (lambda msg: log.info(msg))
     if not loads or any(not 0 < f <= 2 for f in loads):
         raise ValidateError(f"--loads must be fractions of capacity in (0, 2], got {list(loads)}")
@@ -303,7 +306,7 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
             else:
                 say(f"{label}: capacity ramp ({burst} requests at once)")
                 cap = measure_capacity(model, topo, scaled_workload(workload, spec, num_requests, 1.0, seed, length_scale),
-                                       transport, seed, burst, pin_cores=ref is not None)
+                                       transport, seed, burst, pin_cores=True)
             report.capacity_rps[label] = cap
             say(f"{label}: capacity {cap:.2f} req/s")
             for load in loads:
@@ -403,7 +406,7 @@ def _measure_point(model: str, topo: Topology, w: Workload, transport: str, seed
 
     host: dict = {}
     with tempfile.TemporaryDirectory(prefix="disagg-steps-") as trace_dir:
-        real = _run_real(model, topo, w, transport, seed, Path(trace_dir), host, pin_cores=ref is not None)
+        real = _run_real(model, topo, w, transport, seed, Path(trace_dir), host, pin_cores=True)
         speed: dict[str, SpeedTrace] = {}
         t_origin = float((real.schema.metadata or {}).get(T0_KEY, b"nan"))
         if ref is not None and math.isfinite(t_origin):
