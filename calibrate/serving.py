@@ -183,7 +183,7 @@ def fit_handoff(table: pa.Table, min_requests: int = MIN_STEPS) -> dict | None:
     mean wait from the end of a prefill to the decode worker's pull (``wait_s``: messages between the workers,
     the decode worker reserving blocks) and a least-squares fit of the pull itself (gather, shared-memory write,
     import into the cache, the threads' waits) as ``latency_s + bytes / bandwidth_bytes_per_s``, over the requests
-    served without error. Measured on this machine: 1.3-2.1 ms wait and 1.4-2.3 ms + 1.0-1.9 ms/MB for the pull
+    served without error. Measured on this machine: 0.6-2.1 ms median wait and 1.4-2.3 ms + 1.0-1.9 ms/MB for the pull
     (~0.8 MB per request) in 18 validation runs, where the shared-memory link alone moves 0.8 MB in ~0.2 ms. The
     simulator pays the wait as part of the transfer (`with_handoff`), so its records put it under ``transfer``, not
     ``transfer_wait``. None with fewer than ``min_requests`` usable requests."""
