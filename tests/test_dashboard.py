@@ -142,7 +142,8 @@ def test_validation_page_shows_a_report_with_and_without_host_speed(tmp_path):
     topo = Topology.colocated(1, kv_capacity_tokens=1000)
     real = simulate(topo, w, constant_profile(0.02, 0.01), model=PRESETS["tiny"]).records
     sim = simulate(topo, w, constant_profile(0.018, 0.011), model=PRESETS["tiny"]).records
-    errors = {**compare(real, sim), "without_host_speed": compare(real, real)["errors"]}
+    errors = {**compare(real, sim), "without_host_speed": compare(real, real)["errors"],
+              "with_run_step_speed": compare(real, real)["errors"]}
     report = ValidationReport(constant_profile(0.02, 0.01), {"1C": 10.0}, [RunResult("1C", 0.5, 5.0, 0, real, sim, errors)])
     write(report, tmp_path)
     at = run_page("validation", val_path=str(tmp_path))
@@ -150,3 +151,7 @@ def test_validation_page_shows_a_report_with_and_without_host_speed(tmp_path):
     table = at.dataframe[1].value
     assert table["ttft_p50 without host speed"].tolist() == [0.0]
     assert table["tpot_p50"].tolist() == [pytest.approx(errors["errors"]["tpot_p50"])]
+    assert table["tpot_p50 at the run's step speed"].tolist() == [0.0]
+    means = at.dataframe[2].value  # mean |error| per simulation over the runs
+    assert means["simulated"].tolist() == ["as predicted", "at the run's step speed", "no host speed"]
+    assert means["tpot_p50"].tolist() == [pytest.approx(abs(errors["errors"]["tpot_p50"])), 0.0, 0.0]

@@ -38,15 +38,22 @@ if len(runs):
     st.subheader("Errors: (sim - real) / real")
     rows = []
     for r in summary["runs"]:
-        e, plain = r.get("errors", {}), r.get("without_host_speed") or {}
+        e, plain, at_speed = r.get("errors", {}), r.get("without_host_speed") or {}, r.get("with_run_step_speed") or {}
         rows.append({"topology": r.get("topology"), "load": r.get("load"), "run": r.get("repeat", 0) + 1,
                      **{k: e.get(k) for k in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90", "throughput")},
-                     **{f"{k} without host speed": plain.get(k) for k in ("ttft_p50", "tpot_p50")}})
+                     **{f"{k} without host speed": plain.get(k) for k in ("ttft_p50", "tpot_p50")},
+                     **{f"{k} at the run's step speed": at_speed.get(k) for k in ("ttft_p50", "tpot_p50")}})
     st.dataframe(pd.DataFrame(rows).style.format(lambda v: f"{v:+.1%}" if isinstance(v, float) and 0 <= abs(v) < 100
                                                  else v, subset=[c for c in rows[0] if c not in ("topology", "load", "run")]),
                  hide_index=True)
     st.caption("'without host speed': the same simulation with every instance at the profile's speed (no per-core "
-               "speed measured during the run; see README, Validation).")
+               "speed measured during the run). 'at the run's step speed': the calibrated model with its steps "
+               "stretched by how fast the run's own steps ran (a diagnosis, not a prediction; see README, Validation).")
+    means = summary.get("mean_abs_error") or {}
+    if means:
+        st.subheader(f"Mean |error| over {len(runs)} runs")
+        st.dataframe(pd.DataFrame([{"simulated": name, **m} for name, m in means.items()]).style.format(
+            lambda v: f"{v:.1%}" if isinstance(v, float) else v), hide_index=True)
 if joined is None or not len(joined):
     st.info("The report has no joined.parquet (no runs finished).")
     st.stop()
