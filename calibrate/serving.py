@@ -16,7 +16,9 @@ to every step (`loop_overhead_s`).
 How: start the engine colocated with one worker per CPU (pinned, ``Cluster(pin_cores=True)``), replay a synthetic
 workload with step tracing on (`engine.step_trace`), and fit the traced steps with the grid calibration's formulas
 (`calibrate.fit`). The time fitted is each step's CPU time in the worker's model thread (``u``): waiting for the core
-is left to the simulator's contention model (`sim.topology.HostCPU`), as in validation. The workload is its own:
+is left to the simulator's contention model (`sim.topology.HostCPU`), as in validation. The run measures that wait
+too, per role, as a fraction of the steps' CPU time per core's worth of background work on the host
+(`CostProfile.core_wait`, `core_wait`): pinned workers do not share their cores evenly with the rest of the host. The workload is its own:
 prompt lengths log-uniform over 16 .. half the model's context (at most 2,048), outputs log-uniform over 4 .. 128,
 Poisson arrivals at ~50 % of the colocated cluster's capacity estimated from ``base`` (a grid profile), seeded
 apart from any validation workload. Links, model and everything else come from ``base``.
@@ -48,6 +50,7 @@ UTILIZATION = 0.5
 MIN_REQUESTS = 40
 MIN_STEPS = 8
 DISPERSION_POINTS = 41  # quantiles kept of the prefill steps' measured / predicted (`dispersion`)
+MIN_BACKGROUND_CPU = 0.02  # cores' worth: below this a serving run's background says nothing of where it lands
 BUSY_GAP_S = 0.002  # a gap between two steps of a worker shorter than this: the worker was busy, not waiting for work
 _SEED_OFFSET = 1_000_003  # calibration prompts never coincide with a validation workload's of the same seed
 
@@ -178,6 +181,23 @@ def loop_in(prof: CostProfile, kind: str) -> float:
     return float(loops.get(kind, 0.0) if isinstance(loops, dict) else loops)
 
 
+def step_wait(steps: list[dict]) -> float:
+    """How long ``steps`` waited for their core, as a fraction of their model-thread CPU time: total wall / total
+    ``u`` - 1 over the steps that have a ``u`` (0 without any)."""
+    timed = [st for st in steps if st.get("u", 0) > 0]
+    u = sum(st["u"] for st in timed)
+    return max(0.0, sum(st["t1"] - st["t0"] for st in timed) / u - 1.0) if u > 0 else 0.0
+
+
+def core_wait(steps: list[dict], background_cpu: float) -> float | None:
+    """`CostProfile.core_wait` of pinned workers from their traced ``steps``: `step_wait` per core's worth of the
+    host's ``background_cpu`` during the run; None when the background was under `MIN_BACKGROUND_CPU` (the wait is
+    then mostly measurement noise) or no step has a ``u``."""
+    if background_cpu < MIN_BACKGROUND_CPU or not any(st.get("u", 0) > 0 for st in steps):
+        return None
+    return step_wait(steps) / background_cpu
+
+
 def fit_handoff(table: pa.Table, min_requests: int = MIN_STEPS) -> dict | None:
     """The engine's KV hand-off from prefill to decode worker, from a disaggregated run's request records: the
     mean wait from the end of a prefill to the decode worker's pull (``wait_s``: messages between the workers,
@@ -248,7 +268,7 @@ def calibrate_serving(model_dir: str | Path, spec: ModelSpec, base: CostProfile,
     prefill workers' prefill formula and role ``"decode"`` the decode workers' decode formula, the other formula
     from ``base``. Each role's loop overhead (`loop_overhead_s`) comes from its own workers. ``trace_dir`` keeps the
     step traces there (default: a temporary folder; its ``*.jsonl`` from an earlier run are deleted first). Raises `CalibrationError` if the run yields too few steps."""
-    from engine.cluster import DEFAULT_KV_TOKENS, Cluster
+    from engine.cluster import DEFAULT_KV_TOKENS, Cluster, CpuMeter
     from engine.loadgen import run_load
     from engine.step_trace import TRACE_ENV
     from sim.topology import Topology
@@ -273,9 +293,11 @@ def calibrate_serving(model_dir: str | Path, spec: ModelSpec, base: CostProfile,
         os.environ[TRACE_ENV] = str(trace_dir)
         try:
             with Cluster(model_dir, topo, transport=transport, seed=seed, pin_cores=True, dtype=dtype) as c:
+                meter = CpuMeter(c.worker_pids())
                 t_start = time.monotonic()
                 table = run_load(c.url, w, seed=seed + _SEED_OFFSET)
                 t_end = time.monotonic()
+                cpu = meter.read()
         finally:
             os.environ.pop(TRACE_ENV, None)
             if old is not None:
@@ -288,7 +310,7 @@ def calibrate_serving(model_dir: str | Path, spec: ModelSpec, base: CostProfile,
         raise CalibrationError(f"serving calibration ({topo.label}): the engine failed {failed} of {len(w)} "
                                f"requests (first: {why or 'no reason given'})")
     info = {"t_start": t_start, "t_end": t_end, "topology": topo.label, "requests": len(w), "rate_rps": w.rate_rps,
-            "failed": failed, "duration_s": round(t_end - t_start, 2)}
+            "failed": failed, "duration_s": round(t_end - t_start, 2), **cpu}
     handoff = fit_handoff(table) if disaggregated else None
     if handoff is not None:
         info["handoff"] = handoff
@@ -299,6 +321,12 @@ def calibrate_serving(model_dir: str | Path, spec: ModelSpec, base: CostProfile,
         if prof is None:
             raise CalibrationError(f"serving calibration ({topo.label}): the {role} workers' {len(mine)} traced steps "
                                    f"are too few to fit ({failed} of {len(w)} requests failed); raise the duration")
+        wait = core_wait(mine, cpu["background_cpu"])  # this run's, never ``base``'s
+        prof = replace(prof, core_wait=wait)
+        if wait is not None:
+            info.setdefault("core_wait", {})[role] = wait
+            prof = replace(prof, fit={**prof.fit, "core_wait": {"waited": step_wait(mine),
+                                                                "background_cpu": cpu["background_cpu"]}})
         out[role] = replace(with_loop(prof, loop_overhead_s(mine), kinds),
                             meta={**base.meta, "serving_calibration": {k: v for k, v in info.items()
                                                                        if not k.startswith("t_")}})

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -209,12 +210,56 @@ class Cluster:
     def pid(self, name: str) -> int:
         return self.procs[name].popen.pid
 
+    def worker_pids(self) -> list[int]:
+        return [self.pid(name) for name in self.procs if name != "router"]
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to one process's group (e.g. to test failure handling)."""
         _signal_group(self.procs[name].popen, sig)
 
     def log_tail(self, name: str, lines: int = 40) -> str:
         return _tail(self.procs[name].log_path, lines)
+
+
+class CpuMeter:
+    """How the host's CPU was spent between construction and `read`: ``workers_cpu`` (cores' worth used by the worker
+    processes ``pids``, all their threads) and ``background_cpu`` (by everything else on the cores this process may
+    run on: the router, the load generator, sensors, other jobs; /proc/stat less idle and iowait). The background is
+    the simulator's `sim.topology.HostCPU.background_cpu`."""
+
+    def __init__(self, pids: Iterable[int]):
+        self.pids = list(pids)
+        self.cpus = os.sched_getaffinity(0)
+        self.t0, self.busy0, self.work0 = time.monotonic(), host_busy_s(self.cpus), self._work()
+
+    def _work(self) -> float:
+        return sum(process_cpu_s(pid) for pid in self.pids)
+
+    def read(self) -> dict[str, float]:
+        dt = max(time.monotonic() - self.t0, 1e-9)
+        busy, work = host_busy_s(self.cpus) - self.busy0, self._work() - self.work0
+        return {"background_cpu": max(0.0, (busy - work) / dt), "workers_cpu": work / dt}
+
+
+def host_busy_s(cpus: set[int] | None = None) -> float:
+    """CPU seconds the host's ``cpus`` (default: those this process may run on) have spent busy since boot
+    (/proc/stat, less idle and iowait)."""
+    cpus = os.sched_getaffinity(0) if cpus is None else cpus
+    total = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                v = [int(x) for x in fields[:8]]
+                total += sum(v) - v[3] - v[4]
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stop_processes(procs: dict[str, Proc], timeout_s: float) -> None:

@@ -25,6 +25,13 @@ run's own steps, TTFT p50 mean |error| 16.6 % without (sim too slow in 11 of 12 
 with the calibrated profile, the same 12 runs' TTFT p90 24.6 % -> 15.0 %. Decode steps keep their mean: a TPOT
 averages many of them. Absent = every step takes the formula's time (roofline, imported, grid-calibrated profiles).
 
+``core_wait`` (optional) is for workers pinned one per core on a shared host (disagg's CPU engine): the fraction of
+its model-step time a step of this profile's worker waits for its core, per core's worth of other work on the host
+(router, load generator, the worker's own threads, other jobs: `sim.topology.HostCPU.background_cpu`). The serving
+calibration measures it (`calibrate.serving`); the simulator uses it with ``HostCPU(pinned=True)``. The scheduler
+does not spread that work evenly: in a 1P1D run on 2 cores the prefill worker's steps waited 14 % of their CPU time
+and the decode worker's 1 %, in 2C runs both ~10 %. Absent = even (1 / cores).
+
 A chunk of ``n`` new tokens on top of ``p`` cached ones counts ``(p + n)^2 - p^2`` towards ``sum(len^2)``, so chunked
 prefill costs the same attention work in total as one whole prefill. The optional ``e`` term (absent = 0) is for
 devices whose per-token cost grows with the tokens packed into one batch (seen on the CPU runner: 8 x 256 tokens
@@ -44,7 +51,8 @@ JSON format (``format: disagg.cost_profile``, ``version: 1``)::
      "links": {"shm": {"bandwidth_bytes_per_s": .., "latency_s": ..}, ...},  # measured transports (optional)
      "memory_bytes": int | null,  "fit": {...held-out errors...}, "environment": {...}, "meta": {...},
      "request_overhead_s": float,                                            # optional, 0 when absent
-     "prefill_dispersion": [q0, ..., q1]}                                    # optional, see above
+     "prefill_dispersion": [q0, ..., q1],                                    # optional, see above
+     "core_wait": float}                                                     # optional, see above
 """
 
 from __future__ import annotations
@@ -135,6 +143,7 @@ class CostProfile:
     meta: dict = field(default_factory=dict)
     request_overhead_s: float = 0.0
     prefill_dispersion: tuple[float, ...] = ()
+    core_wait: float | None = None
 
     def __post_init__(self) -> None:
         if self.source not in ("constant", "roofline", "calibrated", "imported"):
@@ -150,6 +159,8 @@ class CostProfile:
                              f"got {self.request_overhead_s!r}")
         if self.decode_context not in ("sum", "padded"):
             raise ValueError(f"profile {self.name!r}: decode_context must be 'sum' or 'padded', got {self.decode_context!r}")
+        if self.core_wait is not None and not (math.isfinite(self.core_wait) and self.core_wait >= 0):
+            raise ValueError(f"profile {self.name!r}: core_wait must be a finite number >= 0, got {self.core_wait!r}")
         q = tuple(float(x) for x in self.prefill_dispersion)
         object.__setattr__(self, "prefill_dispersion", q)
         if q and (len(q) < 2 or not all(math.isfinite(x) and x > 0 for x in q) or any(b < a for a, b in pairwise(q))):
@@ -203,6 +214,7 @@ class CostProfile:
             "memory_bytes": self.memory_bytes, "decode_context": self.decode_context, "fit": self.fit, "environment": self.environment, "meta": self.meta,
             **({"request_overhead_s": self.request_overhead_s} if self.request_overhead_s else {}),
             **({"prefill_dispersion": list(self.prefill_dispersion)} if self.prefill_dispersion else {}),
+            **({"core_wait": self.core_wait} if self.core_wait is not None else {}),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -228,6 +240,7 @@ class CostProfile:
             model = ModelSpec(**d["model"]) if d.get("model") else None
             overhead = float(d.get("request_overhead_s", 0.0))
             dispersion = tuple(float(x) for x in d.get("prefill_dispersion") or ())
+            core_wait = None if d.get("core_wait") is None else float(d["core_wait"])
         except KeyError as e:
             raise ValueError(f"{where}: missing key {e}") from e
         except (TypeError, ValueError) as e:
@@ -241,7 +254,7 @@ class CostProfile:
                        dtype=str(d.get("dtype", "bf16")), model=model, links=links,
                        memory_bytes=d.get("memory_bytes"), decode_context=str(d.get("decode_context", "sum")),
                        fit=d.get("fit") or {}, environment=d.get("environment") or {}, meta=d.get("meta") or {},
-                       request_overhead_s=overhead, prefill_dispersion=dispersion)
+                       request_overhead_s=overhead, prefill_dispersion=dispersion, core_wait=core_wait)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
 

@@ -238,7 +238,7 @@ class DecodeInstance:
             if linear is None:
                 linear = self._linear[size] = self.profile.decode_linear(size)
             base, slope = linear
-            stretch = ctx.begin_step()  # host CPU contention slows every step of the segment alike
+            stretch = ctx.begin_step(self.profile)  # host CPU contention slows every step of the segment alike
             if ctx.speed_traces:  # host speed: the factor now; the segment ends with the step running at its change
                 factor, change_s = ctx.speed(self.name, "decode")
                 stretch *= factor
@@ -290,7 +290,7 @@ class DecodeInstance:
             batch.append(s)
         if not batch:
             return False
-        dur = self.profile.prefill_s([s.context for s in batch]) * self.ctx.begin_step() * self._speed("prefill") \
+        dur = self.profile.prefill_s([s.context for s in batch]) * self.ctx.begin_step(self.profile) * self._speed("prefill") \
             * self.ctx.prefill_factor(self.name, self.profile)
         yield self.ctx.env.timeout(dur)
         self.ctx.end_step()
@@ -319,7 +319,7 @@ class DecodeInstance:
             return False
         if env.now - self.last_sample_s >= self.ctx.sample_every_s:
             self.ctx.sample(self, len(self.prefill_q), self.batch.size + len(batch))
-        dur = self.profile.prefill_s([s.rec.prompt_tokens for s in batch]) * self.ctx.begin_step() * self._speed("prefill") \
+        dur = self.profile.prefill_s([s.rec.prompt_tokens for s in batch]) * self.ctx.begin_step(self.profile) * self._speed("prefill") \
             * self.ctx.prefill_factor(self.name, self.profile)
         yield env.timeout(dur)
         self.ctx.end_step()
@@ -365,7 +365,7 @@ class DecodeInstance:
         if batch.size:
             dur += (self.profile.decode_step_s(batch.size, batch.first_step_context(self.profile.decode_context))
                     - self.profile.step_overhead_s()) * self._speed("decode")
-        dur *= self.ctx.begin_step()
+        dur *= self.ctx.begin_step(self.profile)
         t0 = env.now
         yield env.timeout(dur)
         self.ctx.end_step()

@@ -112,7 +112,7 @@ class PrefillInstance:
             if start - self.last_sample_s >= ctx.sample_every_s:
                 ctx.sample(self, len(queue), len(batch))
             dur = (prefill_cost.time_s(len(batch), float(tokens), float(squares))  # = profile.prefill_s
-                   * ctx.prefill_factor(self.name, self.profile) * ctx.begin_step())
+                   * ctx.prefill_factor(self.name, self.profile) * ctx.begin_step(self.profile))
             if ctx.speed_traces:
                 dur *= ctx.speed(self.name, "prefill")[0]
             yield env.timeout(dur)

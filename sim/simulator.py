@@ -64,12 +64,16 @@ class SimContext:
         self.speed_traces: Mapping[str, SpeedTrace] = {}
         self.busy = 0  # instances in a timed step right now
 
-    def begin_step(self) -> float:
-        """An instance starts a timed step: returns its slowdown from host CPU contention (`HostCPU`), 1 without one."""
+    def begin_step(self, profile: CostProfile) -> float:
+        """An instance running ``profile`` starts a timed step: returns its slowdown from host CPU contention
+        (`HostCPU`: processor sharing, or the pinned workers' wait for the background), 1 without one."""
         self.busy += 1
         host = self.host
         if host is None or not host.contention:
             return 1.0
+        if host.pinned:
+            wait = profile.core_wait if profile.core_wait is not None else 1.0 / host.cores
+            return 1.0 + wait * host.background_cpu
         return max(1.0, (self.busy + host.background_cpu) / host.cores)
 
     def prefill_factor(self, name: str, profile: CostProfile) -> float:
@@ -166,6 +170,9 @@ def simulate(topology: Topology, workload: Workload, profile: CostProfile | Mapp
         raise ValueError("simulate needs a ModelSpec: pass model= or use a profile that names its model")
     if sample_every_s is None:
         sample_every_s = max(workload.duration_s, 1.0) / 2000
+    if host is not None and host.pinned and (n := sum(p.instances for p in topology.pools)) > host.cores:
+        raise ValueError(f"HostCPU(pinned=True) pins one instance per core, but topology {topology.label} has {n} "
+                         f"instances for {host.cores} cores")
     env = simpy.Environment()
     ctx = SimContext(env, model, sample_every_s, seed)
     ctx.host = host

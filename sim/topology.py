@@ -171,12 +171,21 @@ class HostCPU:
     ran over time (measured by `calibrate.host_speed`); each step is stretched by the factor in force when it starts,
     and a decode segment ends at the step running when the factor changes, so the next one picks up the new factor.
     ``contention=False`` keeps the speed traces and drops the contention model.
+
+    ``pinned=True``: the workers are pinned one per core (disagg's ``Cluster(pin_cores=True)``), so no more instances
+    than ``cores``, and a step never shares its core with another instance: it waits only for the background work
+    that lands on its core, ``1 + core_wait * background_cpu`` times slower, where ``core_wait`` comes from the
+    instance's profile (`CostProfile.core_wait`, measured per role by the serving calibration: the scheduler puts the
+    background where it likes, e.g. on a 1P1D's prefill core) and is ``1 / cores`` (an even spread) for a profile
+    without one. Unlike processor sharing, a step waits whether or not the other cores are busy (measured on 2C: steps
+    waited 4-6 % of their CPU time at 15 % load, when the workers were rarely busy together).
     """
 
     cores: int
     background_cpu: float = 0.0
     speed: Mapping[str, SpeedTrace] = field(default_factory=dict)
     contention: bool = True
+    pinned: bool = False
 
     def __post_init__(self) -> None:
         if self.cores < 1 or self.background_cpu < 0:

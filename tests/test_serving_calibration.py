@@ -127,6 +127,34 @@ def test_a_short_real_serving_calibration(tiny_model_dir):
     # the tiny model on any CPU: a prefill of 500 tokens costs more than one of 50, and more than a decode step
     assert prof.prefill_s([500]) > prof.prefill_s([50]) > 0
     assert 0 < prof.decode_step_s(1, 100) < prof.prefill_s([500])
+    # the workers' wait for their cores, per core's worth of the host's other work, measured on the same run
+    assert info["background_cpu"] >= 0 and info["workers_cpu"] > 0
+    _assert_core_wait(prof, info, "colocated")
+
+
+def _assert_core_wait(prof, info, role):
+    from calibrate.serving import MIN_BACKGROUND_CPU
+
+    if info["background_cpu"] < MIN_BACKGROUND_CPU:  # too quiet a host to say where its background lands
+        assert prof.core_wait is None and role not in info.get("core_wait", {})
+        return
+    cw = prof.fit["core_wait"]
+    assert prof.core_wait == info["core_wait"][role] >= 0 and cw["background_cpu"] == info["background_cpu"]
+    assert prof.core_wait * info["background_cpu"] == pytest.approx(cw["waited"])
+    assert CostProfile.from_dict(prof.to_dict()).core_wait == prof.core_wait
+
+
+def test_step_wait_and_core_wait_from_traced_steps():
+    from calibrate.serving import MIN_BACKGROUND_CPU, core_wait, step_wait
+
+    steps = _steps(np.random.default_rng(0))  # every step's wall time is 1.1x its CPU time
+    assert step_wait(steps) == pytest.approx(0.1)
+    assert core_wait(steps, 0.25) == pytest.approx(0.4)
+    assert core_wait(steps, MIN_BACKGROUND_CPU / 2) is None  # too little background to attribute the wait to
+    no_u = [{k: v for k, v in st.items() if k != "u"} for st in steps]
+    assert step_wait(no_u) == 0.0 and core_wait(no_u, 0.25) is None
+    fast = [{**st, "t1": st["t0"] + 0.9 * st["u"]} for st in steps]  # clock granularity: never a negative wait
+    assert step_wait(fast) == 0.0
 
 
 def test_loop_overhead_is_the_mean_busy_gap_between_steps():
@@ -159,6 +187,8 @@ def test_a_short_real_disaggregated_serving_calibration_fits_each_role(tiny_mode
     assert h["requests"] >= 8 and 0 < h["wait_s"] < 1 and 0 < h["pull_mean_s"] < 1
     assert dec.fit["handoff"] == h and dec.request_overhead_s == h["wait_s"] and pre.request_overhead_s == 0
     assert dec.links["shm"].latency_s == h["latency_s"] and dec.links["shm"].bandwidth_bytes_per_s == h["bandwidth_bytes_per_s"]
+    for role, prof in profs.items():  # each role's own wait for its core
+        _assert_core_wait(prof, info, role)
 
 
 def test_fit_handoff_recovers_the_wait_and_the_pulls_latency_and_bandwidth():

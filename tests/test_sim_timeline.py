@@ -228,6 +228,36 @@ def test_host_cpu_contention_stretches_overlapping_steps():
     assert [r["finished_s"] for r in off.records.to_pylist()] == [1.0, 1.0]
 
 
+def test_pinned_workers_wait_for_the_background_on_their_own_core():
+    """``HostCPU(pinned=True)``: every step waits ``core_wait x background`` whether or not the other core is busy;
+    a profile without a measured ``core_wait`` gets an even spread (1 / cores)."""
+    from dataclasses import replace
+
+    from sim.topology import HostCPU
+
+    topo = Topology.colocated(2, kv_capacity_tokens=1000, max_batch_size=1)
+    w = Workload.from_lists([0.0, 0.0, 5.0], [10, 10, 10], [1, 1, 1])
+    host = HostCPU(cores=2, background_cpu=0.4, pinned=True)
+    even = simulate(topo, w, PROFILE, model=TINY, host=host).records.to_pylist()
+    # 1 + 0.4 / 2 for each step, alone (the one at 5 s) or not (processor sharing would give 1.0, 1.2 and 1.0)
+    assert sorted(r["finished_s"] - r["arrival_s"] for r in even) == [approx(1.2)] * 3
+    measured = simulate(topo, w, replace(PROFILE, core_wait=1.5), model=TINY, host=host).records.to_pylist()
+    assert sorted(r["finished_s"] - r["arrival_s"] for r in measured) == [approx(1.6)] * 3
+    # per role: the prefill worker waits, the decode worker does not
+    prof = CostProfile("c", "constant", PrefillCost(1.0), (DecodePiece(1 << 30, 0.1),),
+                       links={"slow": LinkSpec("slow", bandwidth_bytes_per_s=20_480, latency_s=0.5)})
+    roles = {"prefill": replace(prof, core_wait=1.0), "decode": replace(prof, core_wait=0.0)}
+    dis = simulate(Topology.disaggregated(1, 1, link="slow", kv_capacity_tokens=1000), Workload.from_lists([0.0], [10], [3]),
+                   roles, model=TINY, host=host).records.to_pylist()[0]
+    assert dis["prefill_end_s"] == approx(1.4) and dis["finished_s"] == approx(1.4 + 1.5 + 2 * 0.1)
+    with pytest.raises(ValueError, match="one instance per core, but topology 3C has 3 instances for 2 cores"):
+        simulate(Topology.colocated(3, kv_capacity_tokens=1000), w, PROFILE, model=TINY, host=host)
+    with pytest.raises(ValueError, match="core_wait must be a finite number >= 0"):
+        replace(PROFILE, core_wait=-0.1)
+    assert CostProfile.from_dict(replace(PROFILE, core_wait=0.75).to_dict()).core_wait == 0.75
+    assert CostProfile.from_dict(PROFILE.to_dict()).core_wait is None
+
+
 def test_speed_trace_lookup_and_validation():
     from sim.topology import SpeedTrace
 

@@ -94,27 +94,6 @@ class ValidationReport:
     role_profiles: dict[str, CostProfile] = field(default_factory=dict)  # per pool role, when calibrated per role
 
 
-def _host_busy_s(cpus: set[int] | None = None) -> float:
-    """CPU seconds the host's ``cpus`` (default: those this process may run on) have spent busy since boot
-    (/proc/stat, less idle and iowait)."""
-    cpus = os.sched_getaffinity(0) if cpus is None else cpus
-    total = 0
-    with open("/proc/stat") as f:
-        for line in f:
-            name, *fields = line.split()
-            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-                v = [int(x) for x in fields[:8]]
-                total += sum(v) - v[3] - v[4]
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def _proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _run_real(model: str, topo: Topology, workload: Workload, transport: str, seed: int,
               trace_dir: Path | None = None, host: dict | None = None, pin_cores: bool = False) -> pa.Table:
     """One real run; with ``trace_dir`` the workers log every model step there (`engine.step_trace`). ``host``, if
@@ -123,7 +102,7 @@ def _run_real(model: str, topo: Topology, workload: Workload, transport: str, se
     model — and ``worker_cpus`` (the CPU each worker was pinned to, with ``pin_cores``)."""
     import os
 
-    from engine.cluster import Cluster
+    from engine.cluster import Cluster, CpuMeter
     from engine.loadgen import run_load
     from engine.step_trace import TRACE_ENV
 
@@ -132,13 +111,10 @@ def _run_real(model: str, topo: Topology, workload: Workload, transport: str, se
         os.environ[TRACE_ENV] = str(trace_dir)
     try:
         with Cluster(model, topo, transport=transport, seed=seed, pin_cores=pin_cores) as c:
-            workers = [c.pid(p) for p in c.procs if p != "router"]
-            busy0, work0, t0 = _host_busy_s(), sum(_proc_cpu_s(p) for p in workers), time.monotonic()
+            meter = CpuMeter(c.worker_pids())
             table = run_load(c.url, workload, seed=seed)
-            busy1, work1, t1 = _host_busy_s(), sum(_proc_cpu_s(p) for p in workers), time.monotonic()
             if host is not None:
-                host["background_cpu"] = max(0.0, ((busy1 - busy0) - (work1 - work0)) / max(t1 - t0, 1e-9))
-                host["workers_cpu"] = (work1 - work0) / max(t1 - t0, 1e-9)
+                host.update(meter.read())
                 host["worker_cpus"] = dict(c.worker_cpus)
             return table
     finally:
@@ -357,6 +333,11 @@ def _profile(profile: str | Path | None, folder: Path, spec: ModelSpec, budget_s
                 say(f"KV hand-off in the engine: {h['wait_s'] * 1e3:.2f} ms wait, pull {h['latency_s'] * 1e3:.2f} ms + "
                     f"{1e9 / h['bandwidth_bytes_per_s']:.2f} ms/MB")
             roles.update(split)
+            waits = [f"{role} {p.fit['core_wait']['waited']:.1%}" for role, p in roles.items() if p.core_wait is not None]
+            if waits:
+                say(f"steps' wait for their pinned cores (share of CPU time): {', '.join(waits)}; background "
+                    f"{info['background_cpu']:.2f} cores ({info['topology']}), "
+                    f"{info2['background_cpu']:.2f} ({info2['topology']})")
             windows = [(info["t_start"], info["t_end"]), (info2["t_start"], info2["t_end"])]  # not the gap between
         else:
             windows = [(t0, t1)]
@@ -415,13 +396,15 @@ def _measure_point(model: str, topo: Topology, w: Workload, transport: str, seed
         service = service_error(Path(trace_dir), prof)
         service_speed = service_error(Path(trace_dir), prof, speed, t_origin) if speed else None
         diag = trace_profile(Path(trace_dir), _for_worker(prof, "C"))
-    cores = len(os.sched_getaffinity(0))  # the cores the workers and `_host_busy_s` share
+    cores = len(os.sched_getaffinity(0))  # the cores the workers and `engine.cluster.CpuMeter` share
     replay = _replay(real, w)
-    cpu = HostCPU(cores, host.get("background_cpu", 0.0), speed=speed) if host_contention else \
+    # the runs' workers are pinned one per core: each waits for the background that lands on its core
+    pinned = sum(p.instances for p in topo.pools) <= cores
+    cpu = HostCPU(cores, host.get("background_cpu", 0.0), speed=speed, pinned=pinned) if host_contention else \
         (HostCPU(cores, speed=speed, contention=False) if speed else None)
     sim = simulate(topo, replay, prof, model=spec, seed=seed, host=cpu).records
     errors = {**compare(real, sim), "service": service, "host": host}
-    plain = HostCPU(cores, host.get("background_cpu", 0.0)) if host_contention else None  # no measured host speed
+    plain = HostCPU(cores, host.get("background_cpu", 0.0), pinned=pinned) if host_contention else None  # no host speed
     if speed:
         errors["without_host_speed"] = compare(real, simulate(topo, replay, prof, model=spec, seed=seed,
                                                               host=plain).records)["errors"]

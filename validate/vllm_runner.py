@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -48,8 +47,6 @@ from validate.runner import (
     RunResult,
     ValidateError,
     ValidationReport,
-    _host_busy_s,
-    _proc_cpu_s,
     _replay,
     capacity_burst,
     scaled_workload,
@@ -99,7 +96,7 @@ def validate_vllm(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1
     """Run the loop in the module docstring; returns the report (as `validate.runner.validate`'s) and the throughput
     comparison ``{"vllm": {...}, "builtin": {...}, "ratio_builtin_over_vllm": x}``. Raises ValidateError on bad input,
     `engine.cluster.ClusterError` when servers cannot start."""
-    from engine.cluster import Cluster, resolve_model
+    from engine.cluster import Cluster, CpuMeter, resolve_model
     from engine.loadgen import run_load
     from engine.vllm_backend.cluster import VllmCluster
 
@@ -143,11 +140,9 @@ def validate_vllm(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1
                 w = scaled_workload(workload, spec, num_requests, load * cap, seed, length_scale)
                 say(f"{label}: {num_requests} requests at {load:.0%} of {cap:.2f} req/s")
                 workers = list(c.model_workers().values())
-                busy0, work0, t0 = _host_busy_s(), sum(_proc_cpu_s(p) for p in workers), time.monotonic()
+                meter = CpuMeter(workers)
                 real = run_load(c.url, w, seed=seed)
-                busy1, work1, t1 = _host_busy_s(), sum(_proc_cpu_s(p) for p in workers), time.monotonic()
-                host = {"model_workers": len(workers), "workers_cpu": (work1 - work0) / max(t1 - t0, 1e-9),
-                        "background_cpu": max(0.0, ((busy1 - busy0) - (work1 - work0)) / max(t1 - t0, 1e-9))}
+                host = {"model_workers": len(workers), **meter.read()}
                 runs.append((load, w, real, host))
             import httpx
             metrics = {i["name"]: httpx.get(f"{i['url']}/metrics", timeout=30).text for i in c.instances}
