@@ -72,8 +72,7 @@ class SimContext:
         if host is None or not host.contention:
             return 1.0
         if host.pinned:
-            wait = profile.core_wait if profile.core_wait is not None else 1.0 / host.cores
-            return 1.0 + wait * host.background_cpu
+            return 1.0 + host.pinned_wait(profile)
         return max(1.0, (self.busy + host.background_cpu) / host.cores)
 
     def prefill_factor(self, name: str, profile: CostProfile) -> float:

@@ -12,9 +12,13 @@ import re
 from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from sim.hardware import get_hardware
 from sim.model_spec import ModelSpec
+
+if TYPE_CHECKING:
+    from sim.cost_profile import CostProfile
 
 ROLES = ("prefill", "decode", "colocated")
 _LABEL = re.compile(r"(?:(\d+)P(\d+)D|(\d+)C)", re.IGNORECASE)
@@ -190,6 +194,11 @@ class HostCPU:
     def __post_init__(self) -> None:
         if self.cores < 1 or self.background_cpu < 0:
             raise ValueError(f"HostCPU needs cores >= 1 and background_cpu >= 0, got {self.cores}, {self.background_cpu}")
+
+    def pinned_wait(self, profile: CostProfile) -> float:
+        """How long a step of a pinned worker running ``profile`` waits for its core, as a fraction of its time:
+        ``core_wait * background_cpu`` (``core_wait`` 1 / cores when the profile has none)."""
+        return (profile.core_wait if profile.core_wait is not None else 1.0 / self.cores) * self.background_cpu
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,15 @@ def test_short_validate_run_end_to_end(tmp_path):
     assert means["as predicted"]["ttft_p50"] == pytest.approx(abs(run["errors"]["ttft_p50"]))
     assert means["at the run's step speed"]["tpot_p50"] == pytest.approx(abs(run["with_run_step_speed"]["tpot_p50"]))
     assert "mean |error| over 1 runs" in res.output
+    # the pinned workers' wait for their cores: measured per step kind, and what the contention model gave them
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    for kind in ("prefill", "decode"):
+        role = CostProfile.load(out / f"profile_{kind}.json")
+        wait = role.core_wait if role.core_wait is not None else 1 / cores
+        assert run["core_wait_model"][kind] == pytest.approx(wait * run["host"]["background_cpu"])
+        assert run["service"][kind]["waited"] >= 0
 
 
 def test_service_error_compares_cpu_time_with_the_profile_less_its_loop(tmp_path):
@@ -183,6 +192,8 @@ def test_service_error_compares_cpu_time_with_the_profile_less_its_loop(tmp_path
     e = service_error(tmp_path, prof)
     assert e["prefill"]["steps"] == 2 and e["prefill"]["mean"] == pytest.approx((0.25 - 1 / 6) / 2)
     assert e["prefill"]["total"] == pytest.approx(0.0) and e["decode"]["median"] == pytest.approx(-0.2)
+    # how long the steps waited for their core, per kind: total wall / total CPU time - 1
+    assert e["prefill"]["waited"] == pytest.approx(1.0 / 0.020 - 1) and e["decode"]["waited"] == pytest.approx(19.0)
     # a core running at half speed from t = 2.5 s (relative to t_origin 0.5): the decode step's prediction doubles
     slow = {"C0": SpeedTrace((0.0, 2.5), (1.0, 1.0), (1.0, 2.0))}
     assert service_error(tmp_path, prof, slow, t_origin=0.5)["decode"]["median"] == pytest.approx(0.6)

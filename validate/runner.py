@@ -155,11 +155,13 @@ def service_error(trace_dir: Path, profile: CostProfile | Mapping[str, CostProfi
     waiting for a core is the contention model's part (`HostCPU`) and the loop runs between steps, so neither is in a
     step. This separates service-time error (the profile under this load) from queueing and scheduling error (the
     simulator's model). With ``speed`` (per worker, times relative to the monotonic ``t_origin``) each prediction is
-    scaled by the host-speed factor in force when the step started, as the simulator does."""
-    from calibrate.serving import loop_in, read_steps
+    scaled by the host-speed factor in force when the step started, as the simulator does. ``waited``: how long the
+    steps waited for their core, as a fraction of their CPU time (`calibrate.serving.step_wait`)."""
+    from calibrate.serving import loop_in, read_steps, step_wait
 
     rows: dict[str, list[tuple[float, float]]] = {"prefill": [], "decode": []}
-    for st in read_steps(trace_dir):
+    steps = read_steps(trace_dir)
+    for st in steps:
         measured = st.get("u", st["t1"] - st["t0"])
         prof = _for_worker(profile, st["w"])
         if st["k"] == "prefill":
@@ -178,7 +180,8 @@ def service_error(trace_dir: Path, profile: CostProfile | Mapping[str, CostProfi
         p, m = np.array(v).reshape(-1, 2).T
         e = (p - m) / m
         out[k] = {"steps": len(v), "median": float(np.median(e)) if v else math.nan,
-                  "mean": float(np.mean(e)) if v else math.nan, "total": float(p.sum() / m.sum() - 1) if v else math.nan}
+                  "mean": float(np.mean(e)) if v else math.nan, "total": float(p.sum() / m.sum() - 1) if v else math.nan,
+                  "waited": step_wait([st for st in steps if st["k"] == k])}
     return out
 
 
@@ -403,8 +406,12 @@ def _measure_point(model: str, topo: Topology, w: Workload, transport: str, seed
     cpu = HostCPU(cores, host.get("background_cpu", 0.0), speed=speed, pinned=pinned) if host_contention else \
         (HostCPU(cores, speed=speed, contention=False) if speed else None)
     sim = simulate(topo, replay, prof, model=spec, seed=seed, host=cpu).records
-    errors = {**compare(real, sim), "service": service, "host": host}
     plain = HostCPU(cores, host.get("background_cpu", 0.0), pinned=pinned) if host_contention else None  # no host speed
+    errors = {**compare(real, sim), "service": service, "host": host}
+    if plain is not None and pinned:  # the contention model's wait per step kind, next to ``service``'s measured one
+        errors["core_wait_model"] = {kind: plain.pinned_wait(_for_worker(prof, worker))
+                                     for kind, worker in (("prefill", "P" if topo.kind == "disaggregated" else "C"),
+                                                          ("decode", "D" if topo.kind == "disaggregated" else "C"))}
     if speed:
         errors["without_host_speed"] = compare(real, simulate(topo, replay, prof, model=spec, seed=seed,
                                                               host=plain).records)["errors"]
