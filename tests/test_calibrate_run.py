@@ -105,6 +105,8 @@ def test_cli_run_with_a_serving_calibration(tmp_path):
     assert "shm" in prof.links and prof.fit["links"]["shm"]["sizes"]  # the grid run's measured transport is kept
     assert prof.fit["base"]["prefill"]["heldout_points"] > 0  # and its fit figures
     assert len(prof.prefill_dispersion) == 41 and "prefill steps / fitted time: p10" in r.output
+    # the workers' wait for their cores, printed when the host had enough other work to measure it against
+    assert (prof.core_wait is not None) == ("core_wait" in r.output)
     steps = list((tmp_path / "s.serving-steps").glob("*.jsonl"))
     assert {p.stem for p in steps} == {f"C{i}" for i in range(len(steps))} and steps[0].stat().st_size > 0
 
