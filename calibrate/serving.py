@@ -18,8 +18,11 @@ workload with step tracing on (`engine.step_trace`), and fit the traced steps wi
 (`calibrate.fit`). The time fitted is each step's CPU time in the worker's model thread (``u``): waiting for the core
 is left to the simulator's contention model (`sim.topology.HostCPU`), as in validation. The run measures that wait
 too, per role, as a fraction of the steps' CPU time per core's worth of background work on the host
-(`CostProfile.core_wait`, `core_wait`): pinned workers do not share their cores evenly with the rest of the host. The workload is its own:
-prompt lengths log-uniform over 16 .. half the model's context (at most 2,048), outputs log-uniform over 4 .. 128,
+(`CostProfile.core_wait`, `core_wait`): pinned workers do not share their cores evenly with the rest of the host.
+The workload is its own: prompt lengths log-uniform over 16 .. the model's context less 129 tokens (at most 4,096),
+outputs log-uniform over 4 .. 128, so that the formulas are fitted over the lengths the model serves rather than
+extrapolated (with prompts up to half the context, as before, a 2C run of validation lengths took 1.19-1.32x the
+fit's time for its 18 prefills over 768 tokens and 0.93-1.02x for shorter ones);
 Poisson arrivals at ~50 % of the colocated cluster's capacity estimated from ``base`` (a grid profile), seeded
 apart from any validation workload. Links, model and everything else come from ``base``.
 """
@@ -47,6 +50,8 @@ from sim.model_spec import ModelSpec
 from sim.request import RequestSpec, Workload
 
 UTILIZATION = 0.5
+MAX_OUTPUT = 128  # calibration requests' output tokens: log-uniform over 4 .. this
+MAX_PROMPT = 4096  # and prompts over 16 .. this or the longest the context leaves room for next to MAX_OUTPUT
 MIN_REQUESTS = 40
 MIN_STEPS = 8
 DISPERSION_POINTS = 41  # quantiles kept of the prefill steps' measured / predicted (`dispersion`)
@@ -243,9 +248,9 @@ def calibration_workload(spec: ModelSpec, base: CostProfile, instances: int, dur
     colocated instances' capacity as ``base`` predicts it (a request costs its prefill plus its decode steps shared
     by a batch of 8)."""
     rng = np.random.default_rng(seed + _SEED_OFFSET)
-    max_prompt = max(32, min(2048, spec.max_context_tokens // 2))
+    max_prompt = max(32, min(MAX_PROMPT, spec.max_context_tokens - MAX_OUTPUT - 1))
     prompts = np.exp(rng.uniform(math.log(16), math.log(max_prompt), 4096)).astype(int)
-    outputs = np.exp(rng.uniform(math.log(4), math.log(128), 4096)).astype(int)
+    outputs = np.exp(rng.uniform(math.log(4), math.log(MAX_OUTPUT), 4096)).astype(int)
     per_request = float(np.mean([base.prefill_s([int(p)]) for p in prompts[:256]]))
     ctx = float(np.mean(prompts) + np.mean(outputs) / 2)
     per_request += float(np.mean(outputs)) * base.decode_step_s(8, 8 * ctx) / 8
