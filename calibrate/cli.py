@@ -133,7 +133,7 @@ def run(
 def _serve_and_refit(model: str, dtype: str, grid, serving_s: float, seed: int, out: Path) -> None:
     from calibrate import CalibrationError
     from calibrate.report import show
-    from calibrate.serving import calibrate_serving
+    from calibrate.serving import calibrate_serving, describe_wait
     from disagg_cli.main import console
     from engine.cluster import ClusterError, resolve_model
     from sim.model_spec import from_hf_config, get_model
@@ -157,9 +157,7 @@ def _serve_and_refit(model: str, dtype: str, grid, serving_s: float, seed: int, 
         console.print(f"prefill steps / fitted time: p10 {lo:.2f}, p50 {mid:.2f}, p90 {hi:.2f} (mean 1; kept as "
                       "prefill_dispersion, the simulator draws each prefill step's factor from it)")
     if prof.core_wait is not None:
-        console.print(f"steps waited {prof.fit['core_wait']['waited']:.1%} of their CPU time for their cores, with "
-                      f"{info['background_cpu']:.2f} cores' worth of other work on the host: core_wait "
-                      f"{prof.core_wait:.2f} (the simulator's pinned-worker contention, HostCPU(pinned=True))")
+        console.print(f"steps {describe_wait(prof)} (the simulator's pinned-worker contention, HostCPU(pinned=True))")
 
 
 def _run_vllm(model: str, budget_s: float, out: Path | None, seed: int) -> None:

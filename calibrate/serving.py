@@ -17,8 +17,10 @@ How: start the engine colocated with one worker per CPU (pinned, ``Cluster(pin_c
 workload with step tracing on (`engine.step_trace`), and fit the traced steps with the grid calibration's formulas
 (`calibrate.fit`). The time fitted is each step's CPU time in the worker's model thread (``u``): waiting for the core
 is left to the simulator's contention model (`sim.topology.HostCPU`), as in validation. The run measures that wait
-too, per role, as a fraction of the steps' CPU time per core's worth of background work on the host
-(`CostProfile.core_wait`, `core_wait`): pinned workers do not share their cores evenly with the rest of the host.
+too, per role, as a fraction of the steps' CPU time per core's worth of background work on the host, for steps
+that start while another worker is mid-step and for the others (`CostProfile.core_wait` / ``core_wait_alone``,
+`core_waits`): pinned workers do not share their cores evenly with the rest of the host, and the background waits
+for an idle core when there is one.
 The workload is its own: prompt lengths log-uniform over 16 .. the model's context less 129 tokens (at most 4,096),
 outputs log-uniform over 4 .. 128, so that the formulas are fitted over the lengths the model serves rather than
 extrapolated (with prompts up to half the context, as before, a 2C run of validation lengths took 1.19-1.32x the
@@ -194,13 +196,70 @@ def step_wait(steps: list[dict]) -> float:
     return max(0.0, sum(st["t1"] - st["t0"] for st in timed) / u - 1.0) if u > 0 else 0.0
 
 
-def core_wait(steps: list[dict], background_cpu: float) -> float | None:
-    """`CostProfile.core_wait` of pinned workers from their traced ``steps``: `step_wait` per core's worth of the
-    host's ``background_cpu`` during the run; None when the background was under `MIN_BACKGROUND_CPU` (the wait is
-    then mostly measurement noise) or no step has a ``u``."""
-    if background_cpu < MIN_BACKGROUND_CPU or not any(st.get("u", 0) > 0 for st in steps):
-        return None
-    return step_wait(steps) / background_cpu
+def contended(steps: list[dict], all_steps: list[dict] | None = None, busy_gap_s: float = BUSY_GAP_S) -> list[bool]:
+    """For each of ``steps``: whether another worker of ``all_steps`` (default ``steps``) was mid-step when it
+    started. A worker is mid-step from a step's ``t0`` to its ``t1``, or on to its next step's ``t0`` when the gap is
+    under ``busy_gap_s`` (the worker loop between steps, which the simulator counts in the step)."""
+    spans: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    by_worker: dict[str, list[dict]] = {}
+    for st in steps if all_steps is None else all_steps:
+        by_worker.setdefault(st["w"], []).append(st)
+    for w, ss in by_worker.items():
+        ss = sorted(ss, key=lambda st: st["t0"])
+        ends = [b["t0"] if 0 <= b["t0"] - a["t1"] < busy_gap_s else a["t1"] for a, b in pairwise(ss)]
+        spans[w] = (np.array([st["t0"] for st in ss]), np.maximum.accumulate(np.array([*ends, ss[-1]["t1"]])))
+    out = []
+    for st in steps:
+        busy = False
+        for w, (t0, t1) in spans.items():
+            i = int(np.searchsorted(t0, st["t0"], side="right")) - 1
+            if w != st["w"] and i >= 0 and t1[i] > st["t0"]:
+                busy = True
+                break
+        out.append(busy)
+    return out
+
+
+def core_waits(steps: list[dict], background_cpu: float, all_steps: list[dict] | None = None
+               ) -> tuple[float | None, float | None]:
+    """(`CostProfile.core_wait`, ``core_wait_alone``) of pinned workers from their traced ``steps``: the `step_wait`
+    of the steps that started while another worker of ``all_steps`` (default ``steps``) was mid-step, and of the
+    others, each per core's worth of the host's ``background_cpu`` during the run (`contended`). With fewer than
+    `MIN_STEPS` timed steps on either side: the wait of all of them and None. (None, None) when the background was
+    under `MIN_BACKGROUND_CPU` (the wait is then mostly measurement noise) or no step has a ``u``."""
+    timed = [st for st in steps if st.get("u", 0) > 0]
+    if background_cpu < MIN_BACKGROUND_CPU or not timed:
+        return None, None
+    flags = contended(timed, all_steps if all_steps is not None else steps)
+    busy = [st for st, f in zip(timed, flags, strict=True) if f]
+    alone = [st for st, f in zip(timed, flags, strict=True) if not f]
+    if min(len(busy), len(alone)) < MIN_STEPS:
+        return step_wait(timed) / background_cpu, None
+    return step_wait(busy) / background_cpu, step_wait(alone) / background_cpu
+
+
+def contended_share(steps: list[dict], all_steps: list[dict] | None = None) -> float:
+    """The share of ``steps``' model-thread CPU time (``u``) in steps that started while another worker of
+    ``all_steps`` was mid-step (`contended`); 0 without timed steps."""
+    timed = [st for st in steps if st.get("u", 0) > 0]
+    u = sum(st["u"] for st in timed)
+    if u <= 0:
+        return 0.0
+    flags = contended(timed, all_steps if all_steps is not None else steps)
+    return sum(st["u"] for st, f in zip(timed, flags, strict=True) if f) / u
+
+
+def describe_wait(prof: CostProfile) -> str:
+    """One line on a serving-calibrated profile's measured wait for the core (``fit["core_wait"]``); "" without."""
+    cw = prof.fit.get("core_wait")
+    if prof.core_wait is None or not isinstance(cw, dict):
+        return ""
+    line = (f"waited {cw['waited']:.1%} of their CPU time with {cw['background_cpu']:.2f} cores of background: "
+            f"core_wait {prof.core_wait:.2f}")
+    if prof.core_wait_alone is not None:
+        line += (f" when another worker is mid-step ({cw.get('contended', math.nan):.0%} of the CPU time), "
+                 f"{prof.core_wait_alone:.2f} when none is")
+    return line
 
 
 def fit_handoff(table: pa.Table, min_requests: int = MIN_STEPS) -> dict | None:
@@ -326,12 +385,15 @@ def calibrate_serving(model_dir: str | Path, spec: ModelSpec, base: CostProfile,
         if prof is None:
             raise CalibrationError(f"serving calibration ({topo.label}): the {role} workers' {len(mine)} traced steps "
                                    f"are too few to fit ({failed} of {len(w)} requests failed); raise the duration")
-        wait = core_wait(mine, cpu["background_cpu"])  # this run's, never ``base``'s
-        prof = replace(prof, core_wait=wait)
+        wait, alone = core_waits(mine, cpu["background_cpu"], steps)  # this run's, never ``base``'s
+        prof = replace(prof, core_wait=wait, core_wait_alone=alone)
         if wait is not None:
             info.setdefault("core_wait", {})[role] = wait
-            prof = replace(prof, fit={**prof.fit, "core_wait": {"waited": step_wait(mine),
-                                                                "background_cpu": cpu["background_cpu"]}})
+            if alone is not None:
+                info.setdefault("core_wait_alone", {})[role] = alone
+            prof = replace(prof, fit={**prof.fit, "core_wait": {
+                "waited": step_wait(mine), "contended": contended_share(mine, steps),
+                "background_cpu": cpu["background_cpu"]}})
         out[role] = replace(with_loop(prof, loop_overhead_s(mine), kinds),
                             meta={**base.meta, "serving_calibration": {k: v for k, v in info.items()
                                                                        if not k.startswith("t_")}})

@@ -30,7 +30,12 @@ its model-step time a step of this profile's worker waits for its core, per core
 (router, load generator, the worker's own threads, other jobs: `sim.topology.HostCPU.background_cpu`). The serving
 calibration measures it (`calibrate.serving`); the simulator uses it with ``HostCPU(pinned=True)``. The scheduler
 does not spread that work evenly: in a 1P1D run on 2 cores the prefill worker's steps waited 14 % of their CPU time
-and the decode worker's 1 %, in 2C runs both ~10 %. Absent = even (1 / cores).
+and the decode worker's 1 %, in 2C runs both ~10 %. Absent = even (1 / cores). Nor does it wait alike whether or not
+the host's other workers are busy: when another worker is mid-step the background has no idle core to go to. Then
+``core_wait`` holds for a step that starts while another instance is mid-step and ``core_wait_alone`` (optional,
+absent = the same figure) for one that starts while none is. Measured in one 1P1D calibration: the prefill
+worker's steps waited 17.5 % with the decode worker mid-step, 2.9 % without; in a 2C run with each worker busy about
+half the time, 7-9 % and 0.5-2 %.
 
 A chunk of ``n`` new tokens on top of ``p`` cached ones counts ``(p + n)^2 - p^2`` towards ``sum(len^2)``, so chunked
 prefill costs the same attention work in total as one whole prefill. The optional ``e`` term (absent = 0) is for
@@ -52,7 +57,7 @@ JSON format (``format: disagg.cost_profile``, ``version: 1``)::
      "memory_bytes": int | null,  "fit": {...held-out errors...}, "environment": {...}, "meta": {...},
      "request_overhead_s": float,                                            # optional, 0 when absent
      "prefill_dispersion": [q0, ..., q1],                                    # optional, see above
-     "core_wait": float}                                                     # optional, see above
+     "core_wait": float, "core_wait_alone": float}                           # optional, see above
 """
 
 from __future__ import annotations
@@ -144,6 +149,7 @@ class CostProfile:
     request_overhead_s: float = 0.0
     prefill_dispersion: tuple[float, ...] = ()
     core_wait: float | None = None
+    core_wait_alone: float | None = None
 
     def __post_init__(self) -> None:
         if self.source not in ("constant", "roofline", "calibrated", "imported"):
@@ -159,8 +165,12 @@ class CostProfile:
                              f"got {self.request_overhead_s!r}")
         if self.decode_context not in ("sum", "padded"):
             raise ValueError(f"profile {self.name!r}: decode_context must be 'sum' or 'padded', got {self.decode_context!r}")
-        if self.core_wait is not None and not (math.isfinite(self.core_wait) and self.core_wait >= 0):
-            raise ValueError(f"profile {self.name!r}: core_wait must be a finite number >= 0, got {self.core_wait!r}")
+        for key in ("core_wait", "core_wait_alone"):
+            v = getattr(self, key)
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"profile {self.name!r}: {key} must be a finite number >= 0, got {v!r}")
+        if self.core_wait_alone is not None and self.core_wait is None:
+            raise ValueError(f"profile {self.name!r}: core_wait_alone needs core_wait (the wait of a contended step)")
         q = tuple(float(x) for x in self.prefill_dispersion)
         object.__setattr__(self, "prefill_dispersion", q)
         if q and (len(q) < 2 or not all(math.isfinite(x) and x > 0 for x in q) or any(b < a for a, b in pairwise(q))):
@@ -215,6 +225,7 @@ class CostProfile:
             **({"request_overhead_s": self.request_overhead_s} if self.request_overhead_s else {}),
             **({"prefill_dispersion": list(self.prefill_dispersion)} if self.prefill_dispersion else {}),
             **({"core_wait": self.core_wait} if self.core_wait is not None else {}),
+            **({"core_wait_alone": self.core_wait_alone} if self.core_wait_alone is not None else {}),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -240,7 +251,7 @@ class CostProfile:
             model = ModelSpec(**d["model"]) if d.get("model") else None
             overhead = float(d.get("request_overhead_s", 0.0))
             dispersion = tuple(float(x) for x in d.get("prefill_dispersion") or ())
-            core_wait = None if d.get("core_wait") is None else float(d["core_wait"])
+            core_wait, alone = (None if d.get(k) is None else float(d[k]) for k in ("core_wait", "core_wait_alone"))
         except KeyError as e:
             raise ValueError(f"{where}: missing key {e}") from e
         except (TypeError, ValueError) as e:
@@ -254,7 +265,8 @@ class CostProfile:
                        dtype=str(d.get("dtype", "bf16")), model=model, links=links,
                        memory_bytes=d.get("memory_bytes"), decode_context=str(d.get("decode_context", "sum")),
                        fit=d.get("fit") or {}, environment=d.get("environment") or {}, meta=d.get("meta") or {},
-                       request_overhead_s=overhead, prefill_dispersion=dispersion, core_wait=core_wait)
+                       request_overhead_s=overhead, prefill_dispersion=dispersion, core_wait=core_wait,
+                       core_wait_alone=alone)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
 

@@ -71,8 +71,8 @@ class SimContext:
         host = self.host
         if host is None or not host.contention:
             return 1.0
-        if host.pinned:
-            return 1.0 + host.pinned_wait(profile)
+        if host.pinned:  # contended: another instance is mid-step as this one starts
+            return 1.0 + host.pinned_wait(profile, contended=self.busy > 1)
         return max(1.0, (self.busy + host.background_cpu) / host.cores)
 
     def prefill_factor(self, name: str, profile: CostProfile) -> float:

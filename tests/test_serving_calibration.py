@@ -133,6 +133,27 @@ def test_a_short_real_serving_calibration(tiny_model_dir):
     _assert_core_wait(prof, info, "colocated")
 
 
+def test_steps_started_while_another_worker_is_mid_step():
+    """`contended`: a step is contended when another worker was mid-step at its start, a worker's loop gap under
+    ``BUSY_GAP_S`` counting as mid-step; `core_waits` splits the wait accordingly and `contended_share` weighs by CPU
+    time."""
+    from calibrate.serving import BUSY_GAP_S, contended, contended_share, core_waits
+
+    def st(w, t0, t1, wait):  # a step of worker w from t0 to t1 that waited ``wait`` of its CPU time
+        return {"w": w, "k": "decode", "t0": t0, "t1": t1, "u": (t1 - t0) / (1 + wait), "n": [1], "c": [10]}
+
+    other = [st("C1", 0.0, 1.0, 0.0), st("C1", 1.0 + BUSY_GAP_S / 2, 2.0, 0.0)]  # busy 0-2 s (a loop gap inside)
+    mine = [st("C0", 0.5, 0.6, 0.2), st("C0", 1.0 + BUSY_GAP_S / 4, 1.1, 0.2),  # contended: in C1's span or its gap
+            st("C0", 3.0, 3.1, 0.02), st("C0", -1.0, -0.9, 0.02)]              # alone: after / before C1's steps
+    assert contended(mine, mine + other) == [True, True, False, False]
+    assert contended(mine) == [False] * 4  # only its own worker's steps
+    u = [s["u"] for s in mine]
+    assert contended_share(mine, mine + other) == pytest.approx(sum(u[:2]) / sum(u))
+    many = [dict(s, t0=s["t0"] + 10 * i, t1=s["t1"] + 10 * i) for i in range(8) for s in mine + other]
+    wait, alone = core_waits([s for s in many if s["w"] == "C0"], 0.5, many)
+    assert wait == pytest.approx(0.2 / 0.5) and alone == pytest.approx(0.02 / 0.5)
+
+
 def _assert_core_wait(prof, info, role):
     from calibrate.serving import MIN_BACKGROUND_CPU
 
@@ -141,19 +162,28 @@ def _assert_core_wait(prof, info, role):
         return
     cw = prof.fit["core_wait"]
     assert prof.core_wait == info["core_wait"][role] >= 0 and cw["background_cpu"] == info["background_cpu"]
-    assert prof.core_wait * info["background_cpu"] == pytest.approx(cw["waited"])
-    assert CostProfile.from_dict(prof.to_dict()).core_wait == prof.core_wait
+    assert 0 <= cw["contended"] <= 1
+    bg = info["background_cpu"]
+    if prof.core_wait_alone is None:  # too few steps on one side: one figure for all of them
+        assert prof.core_wait * bg == pytest.approx(cw["waited"])
+    else:  # the two classes' waits, weighted by their CPU time, make up the steps' measured wait (to rounding)
+        assert prof.core_wait_alone == info["core_wait_alone"][role] >= 0
+        mix = cw["contended"] * prof.core_wait * bg + (1 - cw["contended"]) * prof.core_wait_alone * bg
+        assert mix == pytest.approx(cw["waited"], abs=0.002)
+    back = CostProfile.from_dict(prof.to_dict())
+    assert (back.core_wait, back.core_wait_alone) == (prof.core_wait, prof.core_wait_alone)
 
 
 def test_step_wait_and_core_wait_from_traced_steps():
-    from calibrate.serving import MIN_BACKGROUND_CPU, core_wait, step_wait
+    from calibrate.serving import MIN_BACKGROUND_CPU, core_waits, step_wait
 
     steps = _steps(np.random.default_rng(0))  # every step's wall time is 1.1x its CPU time
     assert step_wait(steps) == pytest.approx(0.1)
-    assert core_wait(steps, 0.25) == pytest.approx(0.4)
-    assert core_wait(steps, MIN_BACKGROUND_CPU / 2) is None  # too little background to attribute the wait to
+    # one worker: no step ever starts while another is mid-step, so one figure for all
+    assert core_waits(steps, 0.25) == (pytest.approx(0.4), None)
+    assert core_waits(steps, MIN_BACKGROUND_CPU / 2) == (None, None)  # too little background to attribute the wait to
     no_u = [{k: v for k, v in st.items() if k != "u"} for st in steps]
-    assert step_wait(no_u) == 0.0 and core_wait(no_u, 0.25) is None
+    assert step_wait(no_u) == 0.0 and core_waits(no_u, 0.25) == (None, None)
     fast = [{**st, "t1": st["t0"] + 0.9 * st["u"]} for st in steps]  # clock granularity: never a negative wait
     assert step_wait(fast) == 0.0
 

@@ -254,8 +254,36 @@ def test_pinned_workers_wait_for_the_background_on_their_own_core():
         simulate(Topology.colocated(3, kv_capacity_tokens=1000), w, PROFILE, model=TINY, host=host)
     with pytest.raises(ValueError, match="core_wait must be a finite number >= 0"):
         replace(PROFILE, core_wait=-0.1)
-    assert CostProfile.from_dict(replace(PROFILE, core_wait=0.75).to_dict()).core_wait == 0.75
+    with pytest.raises(ValueError, match="core_wait_alone must be a finite number >= 0"):
+        replace(PROFILE, core_wait=0.5, core_wait_alone=math.nan)
+    with pytest.raises(ValueError, match="core_wait_alone needs core_wait"):
+        replace(PROFILE, core_wait_alone=0.5)
+    back = CostProfile.from_dict(replace(PROFILE, core_wait=0.75, core_wait_alone=0.1).to_dict())
+    assert (back.core_wait, back.core_wait_alone) == (0.75, 0.1)
     assert CostProfile.from_dict(PROFILE.to_dict()).core_wait is None
+    assert "core_wait_alone" not in replace(PROFILE, core_wait=0.75).to_dict()
+
+
+def test_pinned_step_waits_less_when_no_other_instance_is_mid_step():
+    """``core_wait_alone``: a step that starts while no other instance is mid-step waits that much per core of
+    background; one that starts while another is, ``core_wait``; a decode segment keeps the state it started in."""
+    from dataclasses import replace
+
+    from sim.topology import HostCPU
+
+    topo = Topology.colocated(2, kv_capacity_tokens=1000, max_batch_size=1)
+    # two requests at once (the second starts while the first's instance is mid-step), one alone at 5 s
+    w = Workload.from_lists([0.0, 0.0, 5.0], [10, 10, 10], [1, 1, 1])
+    host = HostCPU(cores=2, background_cpu=0.4, pinned=True)
+    prof = replace(PROFILE, core_wait=1.5, core_wait_alone=0.25)
+    recs = sorted(simulate(topo, w, prof, model=TINY, host=host).records.to_pylist(), key=lambda r: r["request_id"])
+    took = [r["finished_s"] - r["arrival_s"] for r in recs]
+    # the first of the pair started with nothing else mid-step: 1 + 0.25 x 0.4; the second 1 + 1.5 x 0.4
+    assert sorted(took[:2]) == [approx(1.1), approx(1.6)] and took[2] == approx(1.1)
+    assert host.pinned_wait(prof, contended=False) == approx(0.1) and host.pinned_wait(prof) == approx(0.6)
+    # without core_wait_alone, one figure for every step (the model before the split)
+    one = replace(PROFILE, core_wait=1.5)
+    assert host.pinned_wait(one, contended=False) == host.pinned_wait(one) == approx(0.6)
 
 
 def test_speed_trace_lookup_and_validation():

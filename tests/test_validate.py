@@ -169,11 +169,15 @@ def test_short_validate_run_end_to_end(tmp_path):
     import os
 
     cores = len(os.sched_getaffinity(0))
+    from sim.topology import HostCPU
+
+    host = HostCPU(cores, run["host"]["background_cpu"], pinned=True)
     for kind in ("prefill", "decode"):
         role = CostProfile.load(out / f"profile_{kind}.json")
-        wait = role.core_wait if role.core_wait is not None else 1 / cores
-        assert run["core_wait_model"][kind] == pytest.approx(wait * run["host"]["background_cpu"])
-        assert run["service"][kind]["waited"] >= 0
+        share = run["service"][kind]["contended"]  # of the CPU time, steps started with another worker mid-step
+        assert 0 <= share <= 1 and run["service"][kind]["waited"] >= 0
+        model = share * host.pinned_wait(role) + (1 - share) * host.pinned_wait(role, contended=False)
+        assert run["core_wait_model"][kind] == pytest.approx(model)
 
 
 def test_service_error_compares_cpu_time_with_the_profile_less_its_loop(tmp_path):

@@ -156,8 +156,9 @@ def service_error(trace_dir: Path, profile: CostProfile | Mapping[str, CostProfi
     step. This separates service-time error (the profile under this load) from queueing and scheduling error (the
     simulator's model). With ``speed`` (per worker, times relative to the monotonic ``t_origin``) each prediction is
     scaled by the host-speed factor in force when the step started, as the simulator does. ``waited``: how long the
-    steps waited for their core, as a fraction of their CPU time (`calibrate.serving.step_wait`)."""
-    from calibrate.serving import loop_in, read_steps, step_wait
+    steps waited for their core, as a fraction of their CPU time (`calibrate.serving.step_wait`); ``contended``: the
+    share of their CPU time in steps that started while another worker was mid-step (`calibrate.serving.contended`)."""
+    from calibrate.serving import contended_share, loop_in, read_steps, step_wait
 
     rows: dict[str, list[tuple[float, float]]] = {"prefill": [], "decode": []}
     steps = read_steps(trace_dir)
@@ -181,7 +182,8 @@ def service_error(trace_dir: Path, profile: CostProfile | Mapping[str, CostProfi
         e = (p - m) / m
         out[k] = {"steps": len(v), "median": float(np.median(e)) if v else math.nan,
                   "mean": float(np.mean(e)) if v else math.nan, "total": float(p.sum() / m.sum() - 1) if v else math.nan,
-                  "waited": step_wait([st for st in steps if st["k"] == k])}
+                  "waited": step_wait(mine := [st for st in steps if st["k"] == k]),
+                  "contended": contended_share(mine, steps)}
     return out
 
 
@@ -325,7 +327,7 @@ def _profile(profile: str | Path | None, folder: Path, spec: ModelSpec, budget_s
         t1 = time.monotonic()
         roles: dict[str, CostProfile] = {}
         if calibration == "serving":
-            from calibrate.serving import calibrate_serving
+            from calibrate.serving import calibrate_serving, describe_wait
 
             roles, info = calibrate_serving(folder, spec, prof, serving_s, seed, transport, progress=say)
             prof = roles["colocated"]
@@ -336,11 +338,9 @@ def _profile(profile: str | Path | None, folder: Path, spec: ModelSpec, budget_s
                 say(f"KV hand-off in the engine: {h['wait_s'] * 1e3:.2f} ms wait, pull {h['latency_s'] * 1e3:.2f} ms + "
                     f"{1e9 / h['bandwidth_bytes_per_s']:.2f} ms/MB")
             roles.update(split)
-            waits = [f"{role} {p.fit['core_wait']['waited']:.1%}" for role, p in roles.items() if p.core_wait is not None]
-            if waits:
-                say(f"steps' wait for their pinned cores (share of CPU time): {', '.join(waits)}; background "
-                    f"{info['background_cpu']:.2f} cores ({info['topology']}), "
-                    f"{info2['background_cpu']:.2f} ({info2['topology']})")
+            for role, p in roles.items():
+                if p.core_wait is not None:
+                    say(f"{role} steps {describe_wait(p)}")
             windows = [(info["t_start"], info["t_end"]), (info2["t_start"], info2["t_end"])]  # not the gap between
         else:
             windows = [(t0, t1)]
@@ -409,7 +409,7 @@ def _measure_point(model: str, topo: Topology, w: Workload, transport: str, seed
     plain = HostCPU(cores, host.get("background_cpu", 0.0), pinned=pinned) if host_contention else None  # no host speed
     errors = {**compare(real, sim), "service": service, "host": host}
     if plain is not None and pinned:  # the contention model's wait per step kind, next to ``service``'s measured one
-        errors["core_wait_model"] = {kind: plain.pinned_wait(_for_worker(prof, worker))
+        errors["core_wait_model"] = {kind: _model_wait(plain, _for_worker(prof, worker), service[kind]["contended"])
                                      for kind, worker in (("prefill", "P" if topo.kind == "disaggregated" else "C"),
                                                           ("decode", "D" if topo.kind == "disaggregated" else "C"))}
     if speed:
@@ -431,6 +431,12 @@ def _measure_point(model: str, topo: Topology, w: Workload, transport: str, seed
         trace_sim = simulate(topo, replay, diag, model=spec, seed=seed).records
         errors["with_engine_step_costs"] = compare(real, trace_sim)["errors"]
     return RunResult(label, load, rate, k, real, sim, errors)
+
+
+def _model_wait(host: HostCPU, prof: CostProfile, contended: float) -> float:
+    """The contention model's wait for a run's steps of one kind (`HostCPU.pinned_wait`), given the share of their
+    CPU time that started while another worker was mid-step (``service_error``'s ``contended``)."""
+    return contended * host.pinned_wait(prof, True) + (1.0 - contended) * host.pinned_wait(prof, False)
 
 
 def run_step_speed(service: Mapping[str, dict]) -> dict[str, float]:
