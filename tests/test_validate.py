@@ -39,6 +39,25 @@ def test_relative_errors_of_percentiles_and_throughput():
     assert -0.01 < c["errors"]["throughput"] < 0.01  # same arrivals, nearly the same span
 
 
+def test_several_simulations_predict_each_statistic_by_their_mean():
+    """Seeds of the same requests: each statistic's prediction is its mean over them, their spread is sd / mean,
+    the per-request errors come from the first; one simulation gives no spread."""
+    n = 101
+    base = np.linspace(0.1, 1.1, n)
+    real = records(n, base, [0.02] * n)
+    sims = [records(n, base * f, [0.02 * f] * n) for f in (1.0, 1.2, 1.4)]  # 0 %, +20 %, +40 %
+    c = compare(real, sims)
+    for st in ("mean", "p50", "p90"):
+        assert c["errors"][f"ttft_{st}"] == pytest.approx(0.20) and c["errors"][f"tpot_{st}"] == pytest.approx(0.20)
+        assert c["sim_spread"][f"ttft_{st}"] == pytest.approx(np.std([1.0, 1.2, 1.4]) / 1.2)
+    assert c["sim"]["ttft_p50"] == pytest.approx(np.mean([compare(real, t)["sim"]["ttft_p50"] for t in sims]))
+    assert c["per_request"]["ttft"]["p50"] == pytest.approx(0.0)  # the first simulation's requests
+    assert c["sim_seeds"] == 3 and c["breakdown_mean_s"]["prefill"]["sim"] == pytest.approx(1.2 * base.mean())
+    assert "sim_spread" not in compare(real, sims[0]) and "sim_seeds" not in compare(real, sims[:1])
+    with pytest.raises(ValueError, match="at least one simulation"):
+        compare(real, [])
+
+
 def test_failed_requests_are_excluded_and_counted():
     real = records(10, [0.1] * 10, [0.01] * 10)
     sim_rows = records(10, [0.1] * 10, [0.01] * 10).to_pylist()
@@ -78,6 +97,7 @@ def test_parse_topology_rejects(label):
                                     ({"serving_s": 0}, "--serving-s must be a positive number"),
                                     ({"serving_s": math.inf}, "--serving-s must be a positive number"),
                                     ({"burst": 1}, "--burst must be >= 2"),
+                                    ({"sim_seeds": 0}, "--sim-seeds must be >= 1"),
                                     ({"length_scale": 0.0}, "--length-scale must be a positive number"),
                                     ({"length_scale": -1.0}, "--length-scale must be a positive number"),
                                     ({"capacity_rps": {"2C": 0.0}}, r"capacity_rps\['2C'\] must be a positive"),
@@ -131,12 +151,15 @@ def test_short_validate_run_end_to_end(tmp_path):
     out = tmp_path / "v"
     res = CliRunner().invoke(app, ["validate", "--topologies", "1P1D", "--loads", "0.5", "--num-requests", "12",
                                    "--burst", "8", "--budget-s", "25", "--serving-s", "6", "--host-speed", "--max-error", "100",
-                                   "--out", str(out)])
+                                   "--sim-seeds", "3", "--out", str(out)])
     assert res.exit_code == 0, res.output
     s = json.loads((out / "summary.json").read_text())
     assert s["capacity_rps"]["1P1D"] > 0 and len(s["runs"]) == 1
     run = s["runs"][0]
     assert run["compared"] == 12
+    # three simulations of the run: the prediction is their mean, their own spread is reported next to the real one
+    assert s["config"]["sim_seeds"] == 3 and run["sim_seeds"] == 3 and run["sim_spread"]["ttft_p50"] >= 0
+    assert set(s["sim_spread"]["1P1D@0.5"]) >= {"ttft_p50", "tpot_p50"} and "simulator's spread over 3 seeds" in res.output
     for k in ("ttft_p50", "tpot_p50", "throughput"):
         assert math.isfinite(run["errors"][k]) and abs(run["errors"][k]) < 5  # sane, not a unit slip
     assert (out / "joined.parquet").exists() and (out / "error_vs_load.png").exists()

@@ -32,6 +32,8 @@ def register(app: typer.Typer) -> None:
                                         "process; 'serving' also fits the engine's own steps while it serves a "
                                         "calibration workload (calibrate.serving)."),
         serving_s: float = typer.Option(45.0, "--serving-s", help="Length of the serving calibration's load."),
+        sim_seeds: int = typer.Option(10, "--sim-seeds", help="Simulations of each run (seeds); the prediction is "
+                                      "each statistic's mean over them, their spread is reported."),
         max_error: float = typer.Option(0.10, help="Exit 1 when a p50 TTFT / p50 TPOT / throughput error exceeds it."),
         seed: int = typer.Option(0),
         out: Path = typer.Option(Path("out/validate"), "--out", "-o"),
@@ -55,7 +57,8 @@ def register(app: typer.Typer) -> None:
             fail(f"--loads {loads!r}: expected comma-separated numbers like 0.3,0.6,0.9")
         if backend == "vllm":  # vLLM backend hook: validate/vllm_runner.py
             unused = [flag for flag, used in (("--host-speed", host_speed), ("--calibration", calibration != "serving"),
-                                              ("--serving-s", serving_s != 45.0), ("--repeat", repeat != 1)) if used]
+                                              ("--serving-s", serving_s != 45.0), ("--repeat", repeat != 1),
+                                              ("--sim-seeds", sim_seeds != 10)) if used]
             if unused:
                 fail(f"{', '.join(unused)}: only with the built-in backend (--backend vllm calibrates from vLLM's "
                      "own iteration stats and runs each point once)")
@@ -70,7 +73,7 @@ def register(app: typer.Typer) -> None:
                                   loads=loads_f, workload=workload, num_requests=num_requests, profile=profile,
                                   calibrate_budget_s=budget_s, repeat=repeat, seed=seed, length_scale=length_scale,
                                   burst=burst, host_contention=host_contention, host_speed=host_speed,
-                                  calibration=calibration, serving_s=serving_s,
+                                  calibration=calibration, serving_s=serving_s, sim_seeds=sim_seeds,
                                   progress=lambda msg: status.update(f"validate: {msg}"))
         except (ValidateError, CalibrationError, ClusterError, SensorError, FileNotFoundError, ValueError) as e:
             fail(str(e))
@@ -80,6 +83,9 @@ def register(app: typer.Typer) -> None:
         console.print(f"capacity (req/s): {', '.join(f'{k} {v:.2f}' for k, v in report.capacity_rps.items())}")
         for key, sp in s["real_spread"].items():
             console.print(f"real run-to-run spread {key}: " + ", ".join(f"{k} {v:.1%}" for k, v in sp.items()))
+        for key, sp in s["sim_spread"].items():
+            console.print(f"simulator's spread over {sim_seeds} seeds (sd / mean) {key}: "
+                          + ", ".join(f"{k} {v:.1%}" for k, v in sp.items()))
         console.print(f"wrote {out}/summary.json, joined.parquet and {len(s['plots'])} plots; worst error "
                       f"{s['worst_error']:.1%} (limit {max_error:.0%})")
         if not s["passed"]:

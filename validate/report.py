@@ -20,6 +20,7 @@ from validate.compare import join, worst_error
 from validate.runner import ValidationReport
 
 KEYS = ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90", "e2e_p50", "throughput")
+SPREAD_KEYS = ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90", "throughput_rps")
 
 
 def spread(report: ValidationReport) -> dict[str, dict[str, float]]:
@@ -32,10 +33,20 @@ def spread(report: ValidationReport) -> dict[str, dict[str, float]]:
         if len(reals) < 2:
             continue
         out[key] = {}
-        for k in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90", "throughput_rps"):
+        for k in SPREAD_KEYS:
             v = np.array([x[k] for x in reals], float)
             out[key][k] = float((v.max() - v.min()) / v.mean()) if v.mean() else math.nan
     return out
+
+
+def sim_spread(report: ValidationReport) -> dict[str, dict[str, float]]:
+    """The simulator's own spread per (topology, load): sd / mean of each statistic over the seeds of the as-predicted
+    simulation (`validate.compare`), averaged over the point's runs; empty when each run was simulated once."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in report.runs:
+        if r.errors.get("sim_spread"):
+            groups[f"{r.topology}@{r.load:g}"].append(r.errors["sim_spread"])
+    return {key: {k: float(np.nanmean([x[k] for x in sps])) for k in SPREAD_KEYS} for key, sps in groups.items()}
 
 
 # the simulations each run reports errors of (`validate.runner`): as predicted, and the diagnoses next to it
@@ -61,7 +72,7 @@ def summary(report: ValidationReport, max_error: float) -> dict:
     return {"format": "disagg.validate", "version": 1, "config": report.config, "capacity_rps": report.capacity_rps,
             "profile": {"name": report.profile.name, "fit": report.profile.fit}, "runs": runs,
             "mean_abs_error": mean_abs_errors(report),
-            "real_spread": spread(report), "max_error": max_error, "worst_error": worst, "passed": worst <= max_error}
+            "real_spread": spread(report), "sim_spread": sim_spread(report), "max_error": max_error, "worst_error": worst, "passed": worst <= max_error}
 
 
 def mean_table(report: ValidationReport) -> Table:

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
 
+SIM_SEEDS = 10  # simulations per run: one seed's TTFT p50 over 240 requests was measured to spread 2-4 % (sd)
+
+
 class ValidateError(ValueError):
     """Bad validate input; the message names the option."""
 
@@ -227,7 +230,7 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
              calibrate_budget_s: float = 60.0, repeat: int = 1, seed: int = 0, transport: str = "shm",
              length_scale: float | None = None, burst: int = 32, capacity_rps: dict[str, float] | None = None,
              host_contention: bool = True, host_speed: bool = False, calibration: str = "serving",
-             serving_s: float = 45.0, progress: Progress | None = None) -> ValidationReport:
+             serving_s: float = 45.0, sim_seeds: int = SIM_SEEDS, progress: Progress | None = None) -> ValidationReport:
     """Run the measure -> simulate -> compare loop (module docstring). ``capacity_rps`` skips the ramp for the
     topologies it names. ``host_contention``: simulate the workers sharing this host's cores with the background CPU
     measured during each run (`HostCPU`). ``host_speed``: run a `calibrate.host_speed` sensor on every CPU for the
@@ -239,12 +242,15 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
     traced steps (`calibrate.serving`), keeping the grid profile's links. The workers of every run (capacity ramps
     too) are pinned one per CPU, as in the serving calibration: unpinned, the same steps took 2-16 % more CPU time
     (prefill 7-16 %, decode 2-10 %; three pinned / unpinned pairs of 35 s 2C runs), a bias between calibration and
-    runs. Raises `ValidateError` on bad input."""
+    runs. ``sim_seeds``: simulations of each run (seeds ``seed`` and up); each statistic's prediction is their mean
+    (`validate.compare`). Raises `ValidateError` on bad input."""
     say = progress or (lambda msg: log.info(msg))
     if not loads or any(not 0 < f <= 2 for f in loads):
         raise ValidateError(f"--loads must be fractions of capacity in (0, 2], got {list(loads)}")
     if num_requests < 2 or repeat < 1:
         raise ValidateError("--num-requests must be >= 2 and --repeat >= 1")
+    if sim_seeds < 1:
+        raise ValidateError(f"--sim-seeds must be >= 1, got {sim_seeds}")
     if calibration not in ("serving", "grid"):
         raise ValidateError(f"--calibration must be serving or grid, got {calibration!r}")
     if not (serving_s > 0 and math.isfinite(serving_s)):
@@ -280,7 +286,8 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
             "model": model, "topologies": list(topologies), "loads": list(loads), "workload": workload,
             "num_requests": num_requests, "repeat": repeat, "seed": seed, "transport": transport,
             "length_scale": length_scale, "burst": burst, "host_contention": host_contention,
-            "host_speed": ref is not None, "calibration": "profile" if profile is not None else calibration})
+            "host_speed": ref is not None, "calibration": "profile" if profile is not None else calibration,
+            "sim_seeds": sim_seeds})
         for label, topo in topos.items():
             if capacity_rps and label in capacity_rps:
                 cap = capacity_rps[label]
@@ -296,7 +303,7 @@ def validate(model: str = "tiny", topologies: tuple[str, ...] = ("2C", "1P1D"), 
                 for k in range(repeat):
                     say(f"{label} at {load:.0%} ({rate:.2f} req/s), run {k + 1}/{repeat}: engine")
                     report.runs.append(_measure_point(model, topo, w, transport, seed, roles or prof, spec, sensors,
-                                                      ref, host_contention, label, load, rate, k))
+                                                      ref, host_contention, label, load, rate, k, sim_seeds))
     return report
 
 
@@ -382,9 +389,9 @@ def _check_links(prof: CostProfile, transport: str) -> CostProfile:
 def _measure_point(model: str, topo: Topology, w: Workload, transport: str, seed: int,
                    prof: CostProfile | Mapping[str, CostProfile],
                    spec: ModelSpec, sensors: object, ref: object, host_contention: bool, label: str, load: float,
-                   rate: float, k: int) -> RunResult:
-    """One real run at one load, its simulations (with / without host speed, with the engine's own step costs) and
-    their errors."""
+                   rate: float, k: int, sim_seeds: int = 1) -> RunResult:
+    """One real run at one load, its simulations (with / without host speed, with the engine's own step costs;
+    each ``sim_seeds`` times, seeds ``seed``, ``seed + 1``, ...) and their errors."""
     from calibrate.host_speed import speed_traces
     from engine.loadgen import T0_KEY
 
@@ -405,32 +412,32 @@ def _measure_point(model: str, topo: Topology, w: Workload, transport: str, seed
     pinned = sum(p.instances for p in topo.pools) <= cores
     cpu = HostCPU(cores, host.get("background_cpu", 0.0), speed=speed, pinned=pinned) if host_contention else \
         (HostCPU(cores, speed=speed, contention=False) if speed else None)
-    sim = simulate(topo, replay, prof, model=spec, seed=seed, host=cpu).records
+    def sims(p: CostProfile | Mapping[str, CostProfile], h: HostCPU | None) -> list[pa.Table]:
+        """``p``'s simulations of the run's requests, one per seed (`validate.compare`: the mean is the prediction)."""
+        return [simulate(topo, replay, p, model=spec, seed=seed + i, host=h).records for i in range(sim_seeds)]
+
+    predicted = sims(prof, cpu)
     plain = HostCPU(cores, host.get("background_cpu", 0.0), pinned=pinned) if host_contention else None  # no host speed
-    errors = {**compare(real, sim), "service": service, "host": host}
+    errors = {**compare(real, predicted), "service": service, "host": host}
     if plain is not None and pinned:  # the contention model's wait per step kind, next to ``service``'s measured one
         errors["core_wait_model"] = {kind: _model_wait(plain, _for_worker(prof, worker), service[kind]["contended"])
                                      for kind, worker in (("prefill", "P" if topo.kind == "disaggregated" else "C"),
                                                           ("decode", "D" if topo.kind == "disaggregated" else "C"))}
     if speed:
-        errors["without_host_speed"] = compare(real, simulate(topo, replay, prof, model=spec, seed=seed,
-                                                              host=plain).records)["errors"]
+        errors["without_host_speed"] = compare(real, sims(prof, plain))["errors"]
         errors["service_with_host_speed"] = service_speed
         errors["host_speed"] = {name: {kind: _factor_summary(getattr(tr, kind)) for kind in ("prefill", "decode")}
                                 for name, tr in speed.items()}
     flat = _without_dispersion(prof)
     if flat is not prof:  # the same run with one deterministic time per prefill shape (`CostProfile.prefill_dispersion`)
-        errors["without_prefill_dispersion"] = compare(real, simulate(topo, replay, flat, model=spec, seed=seed,
-                                                                      host=cpu).records)["errors"]
+        errors["without_prefill_dispersion"] = compare(real, sims(flat, cpu))["errors"]
     # the calibrated model at the speed this run's steps actually ran (one factor per step kind, from the trace):
     # what is left is the model's error, not the host's change of speed since the calibration
     errors["run_step_speed"] = factors = run_step_speed(service)
-    errors["with_run_step_speed"] = compare(real, simulate(topo, replay, _scaled(prof, factors), model=spec, seed=seed,
-                                                           host=plain).records)["errors"]
+    errors["with_run_step_speed"] = compare(real, sims(_scaled(prof, factors), plain))["errors"]
     if diag is not None:  # the queueing model alone: the engine's own step costs, no contention stretch
-        trace_sim = simulate(topo, replay, diag, model=spec, seed=seed).records
-        errors["with_engine_step_costs"] = compare(real, trace_sim)["errors"]
-    return RunResult(label, load, rate, k, real, sim, errors)
+        errors["with_engine_step_costs"] = compare(real, sims(diag, None))["errors"]
+    return RunResult(label, load, rate, k, real, predicted[0], errors)
 
 
 def _model_wait(host: HostCPU, prof: CostProfile, contended: float) -> float:
