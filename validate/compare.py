@@ -6,8 +6,8 @@ per-request errors; and a breakdown of where the time goes (queueing, prefill, t
 decode) on both sides, so a reader can tell a queueing miss from a service-time or transfer miss.
 
 The simulator's draws (prefill step dispersion) are seeded, so one simulation is one sample of its prediction: over
-240 requests, the TTFT p50 of ten seeds of the same run spread by 2-4 % (sd) and the p90 by 3-18 %, as much as the
-fidelity target. Given several simulations of the same requests (seeds), `compare` takes each statistic's mean over
+240 requests, the TTFT p50 of ten seeds of the same run spread by 2-4 % (sd) and the p90 by 3-8 % (up to 18 % at a
+run's step speed), as much as the fidelity target. Given several simulations of the same requests (seeds), `compare` takes each statistic's mean over
 them as the prediction and reports their spread (``sim_spread``: sd / mean); the per-request errors come from the
 first.
 """
