@@ -142,9 +142,11 @@ def test_validation_page_shows_a_report_with_and_without_host_speed(tmp_path):
     topo = Topology.colocated(1, kv_capacity_tokens=1000)
     real = simulate(topo, w, constant_profile(0.02, 0.01), model=PRESETS["tiny"]).records
     sim = simulate(topo, w, constant_profile(0.018, 0.011), model=PRESETS["tiny"]).records
-    errors = {**compare(real, sim), "without_host_speed": compare(real, real)["errors"],
+    other = simulate(topo, w, constant_profile(0.022, 0.011), model=PRESETS["tiny"]).records  # a second "seed"
+    errors = {**compare(real, [sim, other]), "without_host_speed": compare(real, real)["errors"],
               "with_run_step_speed": compare(real, real)["errors"]}
-    report = ValidationReport(constant_profile(0.02, 0.01), {"1C": 10.0}, [RunResult("1C", 0.5, 5.0, 0, real, sim, errors)])
+    report = ValidationReport(constant_profile(0.02, 0.01), {"1C": 10.0}, [RunResult("1C", 0.5, 5.0, 0, real, sim, errors)],
+                              config={"sim_seeds": 2})
     write(report, tmp_path)
     at = run_page("validation", val_path=str(tmp_path))
     assert not at.error
@@ -155,3 +157,6 @@ def test_validation_page_shows_a_report_with_and_without_host_speed(tmp_path):
     means = at.dataframe[2].value  # mean |error| per simulation over the runs
     assert means["simulated"].tolist() == ["as predicted", "at the run's step speed", "no host speed"]
     assert means["tpot_p50"].tolist() == [pytest.approx(abs(errors["errors"]["tpot_p50"])), 0.0, 0.0]
+    noise = at.dataframe[3].value  # the simulator's spread over its seeds (no --repeat here, so no real spread)
+    assert noise["spread"].tolist() == ["simulator, 2 seeds: sd / mean"] and noise["point"].tolist() == ["1C@0.5"]
+    assert noise["ttft_p50"].tolist() == [pytest.approx(errors["sim_spread"]["ttft_p50"])] and errors["sim_spread"]["ttft_p50"] > 0

@@ -54,6 +54,16 @@ if len(runs):
         st.subheader(f"Mean |error| over {len(runs)} runs")
         st.dataframe(pd.DataFrame([{"simulated": name, **m} for name, m in means.items()]).style.format(
             lambda v: f"{v:.1%}" if isinstance(v, float) else v), hide_index=True)
+    seeds = (summary.get("config") or {}).get("sim_seeds")
+    spreads = [{"point": k, "spread": "real runs: (max - min) / mean", **v}
+               for k, v in (summary.get("real_spread") or {}).items()]
+    spreads += [{"point": k, "spread": f"simulator, {seeds} seeds: sd / mean", **v}
+                for k, v in (summary.get("sim_spread") or {}).items()]
+    if spreads:
+        st.subheader("Noise: the real system's between repeats, the simulator's between seeds")
+        st.dataframe(pd.DataFrame(spreads).style.format(lambda v: f"{v:.1%}" if isinstance(v, float) else v),
+                     hide_index=True)
+        st.caption("Each simulated statistic is the mean over the run's seeded simulations (--sim-seeds).")
 if joined is None or not len(joined):
     st.info("The report has no joined.parquet (no runs finished).")
     st.stop()
